@@ -1,0 +1,127 @@
+"""DQN on CartPole-v1, as a streaming pipeline.
+
+    streamrl run pipelines/dqn_cartpole.py --seed 0
+
+Collection (envs + epsilon-greedy policy) runs in a worker process; the replay store, the sampler and the
+learner run in the main process; the learner publishes its weights to the policy every few updates. The run
+stops when the greedy policy averages >= 475 over 20 evaluation episodes, or after ``total_frames`` frames.
+
+    env group (worker) ──chunks──> writer ──[zarr store]──> sampler ──batches──> learner
+         ^                                                                          │
+         └───────────────────────── weights (versioned) ────────────────────────────┘
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tensordict.nn import TensorDictSequential
+
+from streamrl import (
+    Checkpoint, DQNLoss, EGreedy, EnvStage, EpsilonAnnealing, Evaluate, EventLog, GymEnv, HardUpdate, LearnerStage,
+    MetricsCSV, MLP, Pipeline, PolicyStage, ProgressBar, QValueActor, RateLimiter, ReplayBuffer, SamplerStage,
+    TargetNetworkUpdate, WriterStage, ZarrStorage,
+)
+
+
+@dataclass
+class Config:
+    total_frames: int = 100_000
+    """Stop after this many env frames (one frame = one step of one env)."""
+    seed: int = 0
+    """Seed of torch, numpy, the envs and the evaluation envs."""
+    device: str = "auto"
+    """Learner device: cpu, cuda, or auto (CUDA when available)."""
+    num_envs: int = 8
+    """CartPole copies stepped together (gymnasium's native vector env)."""
+    frames_per_chunk: int = 64
+    """Frames per chunk sent from the env stage to the replay writer."""
+    placement: str = "worker_process"
+    """Where the env + policy group runs: worker_process (own core) or in_process."""
+    buffer_size: int = 100_000
+    """Replay capacity in transitions (a zarr store in the run directory)."""
+    batch_size: int = 64
+    """Transitions per learner update."""
+    updates_per_frame: float = 0.25
+    """Learner updates per collected frame, kept by the replay rate limiter."""
+    min_fill: int = 1_000
+    """Transitions in replay before the first update."""
+    lr: float = 2.3e-3
+    """Adam learning rate."""
+    gamma: float = 0.99
+    """Discount factor."""
+    hidden: tuple[int, ...] = (256, 256)
+    """Hidden layer sizes of the Q-network."""
+    max_grad_norm: float = 10.0
+    """Gradient-norm clipping threshold."""
+    target_update_every: int = 40
+    """Hard target-network update period, in learner updates."""
+    eps_init: float = 1.0
+    """Initial exploration epsilon."""
+    eps_end: float = 0.04
+    """Final exploration epsilon."""
+    eps_frames: int = 16_000
+    """Frames over which epsilon anneals linearly."""
+    publish_every: int = 4
+    """Learner updates between weight publications to the policy."""
+    eval_every: int = 5_000
+    """Frames between evaluations (20 greedy episodes)."""
+    eval_episodes: int = 20
+    """Episodes per evaluation."""
+    target_return: float = 475.0
+    """Stop once the evaluation mean reaches this return."""
+
+
+def build(cfg: Config) -> Pipeline:
+    env = GymEnv("CartPole-v1", num_envs=cfg.num_envs, seed=cfg.seed)
+    n_actions = 2
+
+    # Model: a Q-network, its greedy actor, and epsilon-greedy exploration on top for collection.
+    torch.manual_seed(cfg.seed)
+    q_net = MLP(n_actions, in_features=4, num_cells=cfg.hidden)
+    actor = QValueActor(q_net)
+    explore = EGreedy(n_actions, eps_init=cfg.eps_init, eps_end=cfg.eps_end, annealing_frames=cfg.eps_frames)
+    collect_policy = TensorDictSequential(actor, explore)
+
+    # Loss and optimizer: double DQN with a Huber loss; the loss owns the target network.
+    loss = DQNLoss(actor, gamma=cfg.gamma, double_dqn=True, loss="smooth_l1")
+    optimizer = torch.optim.Adam(loss.value_net.parameters(), lr=cfg.lr)
+
+    # Replay: a zarr store paced by a samples-per-insert rate limiter.
+    samples_per_insert = cfg.updates_per_frame * cfg.batch_size
+    replay = ReplayBuffer(
+        ZarrStorage(cfg.buffer_size),
+        batch_size=cfg.batch_size,
+        limiter=RateLimiter(samples_per_insert=samples_per_insert, min_fill=cfg.min_fill,
+                            tolerance=max(4 * cfg.batch_size, 2 * samples_per_insert * cfg.frames_per_chunk),
+                            batch_size=cfg.batch_size),
+    )
+
+    learner = LearnerStage("learner", loss, optimizer, publish=actor, publish_every=cfg.publish_every,
+                           max_grad_norm=cfg.max_grad_norm, device=cfg.device)
+    p = Pipeline("dqn_cartpole", config=cfg)
+    p.add(
+        EnvStage("env", env, frames_per_chunk=cfg.frames_per_chunk, total_frames=cfg.total_frames),
+        PolicyStage("policy", collect_policy, weights_module=actor),
+        group="collect",
+    )
+    p.add(WriterStage("writer", replay), SamplerStage("sampler", replay, pin_memory=True), learner)
+    p.connect("env.requests", "policy.requests", capacity=1)
+    p.connect("policy.actions", "env.actions", capacity=1)
+    p.connect("env.chunks", "writer.chunks", capacity=4)
+    p.connect("sampler.batches", "learner.batches", capacity=4)
+    p.connect("learner.weights", "policy.weights", capacity=1, overflow="drop_oldest")
+    p.place("collect", cfg.placement)  # type: ignore[arg-type]
+
+    p.add_hook(EpsilonAnnealing(explore), group="collect")
+    p.add_hook(
+        TargetNetworkUpdate(HardUpdate(loss, every=cfg.target_update_every)),
+        Evaluate(GymEnv("CartPole-v1", num_envs=cfg.eval_episodes), actor, every_frames=cfg.eval_every,
+                 episodes=cfg.eval_episodes, stop_at_return=cfg.target_return),
+        ProgressBar(cfg.total_frames),
+        EventLog(),
+        MetricsCSV(every_frames=cfg.eval_every),
+        Checkpoint(learner),
+    )
+    return p

@@ -1,0 +1,204 @@
+"""Specs: the shape, dtype, device and bounds of every entry an env reads or writes.
+
+A spec describes *one* env's entry (no batch dimension); ``rand(batch)`` and ``zero(batch)`` add batch dims::
+
+    spec = Bounded(low=-1.0, high=1.0, shape=(3,))
+    a = spec.rand((8,))             # a [8, 3] float32 tensor within the bounds
+    assert spec.is_in(a)
+    spec.project(a * 10)            # clamped into the bounds
+
+``spec_from_space`` derives specs from gymnasium spaces (Box, Discrete, MultiDiscrete, MultiBinary, Dict).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tensordict import TensorDict
+
+Batch = Sequence[int]
+
+
+def _torch_dtype(dtype: Any) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return torch.from_numpy(np.zeros((), dtype=np.dtype(dtype))).dtype
+
+
+@dataclass
+class Spec:
+    """Base class: an entry of ``shape`` and ``dtype`` on ``device``."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def __post_init__(self) -> None:
+        self.shape = torch.Size(self.shape)
+        self.dtype = _torch_dtype(self.dtype)
+        self.device = torch.device(self.device)
+
+    def zero(self, batch: Batch = ()) -> torch.Tensor:
+        return torch.zeros((*batch, *self.shape), dtype=self.dtype, device=self.device)
+
+    def rand(self, batch: Batch = ()) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} cannot draw random values")
+
+    def is_in(self, value: torch.Tensor) -> bool:
+        """True when ``value`` (with any leading batch dims) has this spec's trailing shape and dtype."""
+        n = len(self.shape)
+        return value.dtype == self.dtype and tuple(value.shape[value.ndim - n:]) == tuple(self.shape)
+
+    def project(self, value: torch.Tensor) -> torch.Tensor:
+        return value.to(self.dtype)
+
+
+@dataclass
+class Unbounded(Spec):
+    """Any value of the dtype."""
+
+    def rand(self, batch: Batch = ()) -> torch.Tensor:
+        shape = (*batch, *self.shape)
+        if self.dtype.is_floating_point:
+            return torch.randn(shape, device=self.device).to(self.dtype)
+        if self.dtype == torch.bool:
+            return torch.randint(0, 2, shape, device=self.device).bool()
+        return torch.randint(-100, 100, shape, device=self.device).to(self.dtype)
+
+
+@dataclass
+class Bounded(Spec):
+    """Values in ``[low, high]`` (elementwise; scalars broadcast)."""
+
+    low: torch.Tensor = field(default_factory=lambda: torch.tensor(0.0))
+    high: torch.Tensor = field(default_factory=lambda: torch.tensor(1.0))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.low = torch.as_tensor(self.low, dtype=self.dtype, device=self.device).expand(self.shape).clone()
+        self.high = torch.as_tensor(self.high, dtype=self.dtype, device=self.device).expand(self.shape).clone()
+        if (self.low > self.high).any():
+            raise ValueError(f"Bounded spec needs low <= high, got low={self.low}, high={self.high}")
+
+    def rand(self, batch: Batch = ()) -> torch.Tensor:
+        shape = (*batch, *self.shape)
+        if self.dtype.is_floating_point:
+            low, high = self.low.double(), self.high.double()
+            finite = torch.isfinite(low) & torch.isfinite(high)
+            u = torch.rand(shape, dtype=torch.float64, device=self.device)
+            value = torch.where(finite, low + u * (high - low), torch.randn(shape, dtype=torch.float64))
+            return value.to(self.dtype)
+        u = torch.rand(shape, device=self.device)
+        span = (self.high - self.low + 1).to(torch.float64)
+        return (self.low + torch.floor(u * span).to(self.dtype)).to(self.dtype)
+
+    def is_in(self, value: torch.Tensor) -> bool:
+        return super().is_in(value) and bool(((value >= self.low) & (value <= self.high)).all())
+
+    def project(self, value: torch.Tensor) -> torch.Tensor:
+        return torch.maximum(torch.minimum(value.to(self.dtype), self.high), self.low)
+
+
+@dataclass
+class Categorical(Spec):
+    """An index in ``[0, n)`` (``shape`` () for one choice, ``(k,)`` for k independent choices)."""
+
+    n: int = 2
+
+    def rand(self, batch: Batch = ()) -> torch.Tensor:
+        return torch.randint(0, self.n, (*batch, *self.shape), device=self.device).to(self.dtype)
+
+    def is_in(self, value: torch.Tensor) -> bool:
+        return super().is_in(value) and bool(((value >= 0) & (value < self.n)).all())
+
+    def project(self, value: torch.Tensor) -> torch.Tensor:
+        return value.clamp(0, self.n - 1).to(self.dtype)
+
+
+@dataclass
+class OneHot(Spec):
+    """A one-hot vector over ``n`` choices (last dim of ``shape`` is ``n``)."""
+
+    n: int = 2
+
+    def rand(self, batch: Batch = ()) -> torch.Tensor:
+        index = torch.randint(0, self.n, (*batch, *self.shape[:-1]), device=self.device)
+        return torch.nn.functional.one_hot(index, self.n).to(self.dtype)
+
+    def is_in(self, value: torch.Tensor) -> bool:
+        return super().is_in(value) and bool((value.long().sum(-1) == 1).all()) and bool(
+            ((value == 0) | (value == 1)).all()
+        )
+
+    def to_index(self, value: torch.Tensor) -> torch.Tensor:
+        return value.long().argmax(-1)
+
+
+class Composite:
+    """Named specs (nested allowed); ``rand``/``zero`` give a TensorDict."""
+
+    def __init__(self, specs: dict[str, Spec | Composite] | None = None, **kwargs: Spec | Composite) -> None:
+        self.specs: dict[str, Spec | Composite] = {**(specs or {}), **kwargs}
+
+    def __getitem__(self, key: str | tuple[str, ...]) -> Spec | Composite:
+        if isinstance(key, tuple):
+            node: Spec | Composite = self
+            for k in key:
+                assert isinstance(node, Composite), f"{key} goes through a leaf spec"
+                node = node.specs[k]
+            return node
+        return self.specs[key]
+
+    def __setitem__(self, key: str, spec: Spec | Composite) -> None:
+        self.specs[key] = spec
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.specs
+
+    def keys(self) -> Iterator[str]:
+        return iter(self.specs)
+
+    def items(self) -> Iterator[tuple[str, Spec | Composite]]:
+        return iter(self.specs.items())
+
+    def rand(self, batch: Batch = ()) -> TensorDict:
+        return TensorDict({k: s.rand(batch) for k, s in self.specs.items()}, batch_size=list(batch))
+
+    def zero(self, batch: Batch = ()) -> TensorDict:
+        return TensorDict({k: s.zero(batch) for k, s in self.specs.items()}, batch_size=list(batch))
+
+    def is_in(self, td: TensorDict) -> bool:
+        return all(k in td.keys() and s.is_in(td.get(k)) for k, s in self.specs.items())
+
+    def __repr__(self) -> str:
+        return f"Composite({', '.join(f'{k}={v!r}' for k, v in self.specs.items())})"
+
+
+def spec_from_space(space: Any) -> Spec | Composite:
+    """The spec of one env's entry described by a gymnasium space."""
+    from gymnasium import spaces
+
+    if isinstance(space, spaces.Box):
+        low, high = torch.from_numpy(np.asarray(space.low)), torch.from_numpy(np.asarray(space.high))
+        if np.all(np.isinf(space.low)) and np.all(np.isinf(space.high)):
+            return Unbounded(shape=space.shape, dtype=space.dtype)
+        return Bounded(shape=space.shape, dtype=space.dtype, low=low, high=high)
+    if isinstance(space, spaces.Discrete):
+        if int(space.start) != 0:
+            raise ValueError(f"Discrete spaces must start at 0, got start={space.start}")
+        return Categorical(shape=(), dtype=torch.int64, n=int(space.n))
+    if isinstance(space, spaces.MultiDiscrete):
+        nvec = np.asarray(space.nvec)
+        if len(set(nvec.ravel().tolist())) == 1:
+            return Categorical(shape=space.shape, dtype=torch.int64, n=int(nvec.ravel()[0]))
+        return Bounded(shape=space.shape, dtype=torch.int64, low=torch.zeros(space.shape, dtype=torch.int64),
+                       high=torch.from_numpy(nvec.astype(np.int64) - 1))
+    if isinstance(space, spaces.MultiBinary):
+        return Bounded(shape=space.shape, dtype=torch.int8, low=0, high=1)
+    if isinstance(space, spaces.Dict):
+        return Composite({k: spec_from_space(s) for k, s in space.spaces.items()})
+    raise TypeError(f"no spec for gymnasium space {space!r}; supported: Box, Discrete, MultiDiscrete, MultiBinary, Dict")

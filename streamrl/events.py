@@ -1,0 +1,202 @@
+"""The event bus: stages publish small records, hooks subscribe to them.
+
+A stage calls ``await ctx.publish("optim_step", step=..., loss=...)``. Each subscription picks the event kinds it
+wants and one of two delivery modes:
+
+* **lockstep** — the publisher awaits the handler before it goes on. Use it when the hook must act before the
+  stage continues (update a target network after each optimizer step, edit a batch before the loss sees it).
+  A slow lockstep hook slows its publisher; that is the point.
+* **lossy** — the event goes into a bounded buffer (drop-oldest) that the hook drains in its own task. The
+  publisher never waits; when the hook falls behind, the oldest events are dropped and counted
+  (``Subscription.dropped``). Use it for logging, progress bars and evaluation.
+
+A hook is any object with ``name``, ``events`` (kinds, or ``("*",)`` for all), ``mode`` and ``on_event(event)``
+(sync or async); optional ``start(run)`` and ``close(run)`` open and flush its resources::
+
+    class PrintLoss(Hook):
+        events = ("optim_step",)
+        mode = "lossy"
+        def on_event(self, event):
+            print(event.data["loss"])
+
+Publishing an event nobody subscribed to costs a dictionary lookup; publishers that build expensive payloads
+check :meth:`EventBus.wants` first.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from streamrl.errors import EndOfStream, StageFailed
+from streamrl.streams import ReceiveStream, SendStream, open_stream
+
+if TYPE_CHECKING:
+    from streamrl.runtime import RunContext
+
+Mode = Literal["lockstep", "lossy"]
+Handler = Callable[["Event"], Awaitable[None] | None]
+
+
+@dataclass(slots=True)
+class Event:
+    """One published record: its ``kind``, the stage or hook that published it, seconds since the run started."""
+
+    kind: str
+    source: str
+    time: float
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+class Hook:
+    """Base class of hooks: a named subscriber with optional start/close.
+
+    Subclasses set ``events`` and ``mode`` and implement ``on_event``. ``start`` runs before the first stage
+    starts; ``close`` runs on every exit path (normal end, Ctrl-C, a failed stage) and must flush.
+    """
+
+    events: ClassVar[tuple[str, ...]] = ()
+    mode: ClassVar[Mode] = "lockstep"
+    capacity: ClassVar[int] = 256  # buffer of a lossy subscription
+
+    def __init__(self, name: str | None = None) -> None:
+        self.name = name or type(self).__name__
+
+    async def start(self, run: RunContext) -> None:
+        """Open files, build eval envs: anything that needs the run directory."""
+
+    def on_event(self, event: Event) -> Awaitable[None] | None:
+        raise NotImplementedError(f"{type(self).__name__} must implement on_event(event)")
+
+    async def close(self, run: RunContext) -> None:
+        """Flush and release; called once on every exit path."""
+
+
+class Subscription:
+    """A handler attached to some event kinds; lossy subscriptions own a bounded drop-oldest stream."""
+
+    def __init__(self, name: str, handler: Handler, kinds: frozenset[str] | None, mode: Mode, capacity: int):
+        if mode not in ("lockstep", "lossy"):
+            raise ValueError(f"subscription {name!r}: mode must be 'lockstep' or 'lossy', got {mode!r}")
+        self.name = name
+        self.handler = handler
+        self.kinds = kinds
+        self.mode = mode
+        self.is_async = inspect.iscoroutinefunction(handler)
+        self.delivered = 0
+        self._send: SendStream[Event] | None = None
+        self._receive: ReceiveStream[Event] | None = None
+        if mode == "lossy":
+            self._send, self._receive = open_stream(capacity, name=f"hook:{name}", overflow="drop_oldest")
+
+    @property
+    def dropped(self) -> int:
+        return self._send.statistics().dropped if self._send is not None else 0
+
+    async def deliver(self, event: Event) -> None:
+        if self._send is not None:
+            if not self._send.closed:
+                self._send.send_nowait(event)
+            return
+        self.delivered += 1
+        try:
+            result = self.handler(event)
+            if self.is_async or inspect.isawaitable(result):
+                await result  # type: ignore[misc]
+        except StageFailed:
+            raise
+        except Exception as exc:
+            raise StageFailed(f"hook {self.name}", exc) from exc
+
+    async def drain(self) -> None:
+        """Run a lossy subscription: hand buffered events to the handler until the bus closes."""
+        assert self._receive is not None, "only lossy subscriptions are drained"
+        while True:
+            try:
+                event = await self._receive.receive()
+            except EndOfStream:
+                return
+            self.delivered += 1
+            try:
+                result = self.handler(event)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as exc:
+                raise StageFailed(f"hook {self.name}", exc) from exc
+
+    def close(self) -> None:
+        if self._send is not None:
+            self._send.close()
+
+
+class EventBus:
+    """Routes published events to subscriptions by kind."""
+
+    def __init__(self, clock_start: float | None = None) -> None:
+        self.start = time.perf_counter() if clock_start is None else clock_start
+        self.subscriptions: list[Subscription] = []
+        self._by_kind: dict[str, list[Subscription]] = {}
+        self._wildcard: list[Subscription] = []
+        self.published = 0
+
+    def subscribe(
+        self,
+        handler: Handler,
+        kinds: Iterable[str] | None = None,
+        *,
+        mode: Mode = "lockstep",
+        capacity: int = 256,
+        name: str | None = None,
+    ) -> Subscription:
+        """Attach ``handler`` to ``kinds`` (None or ``"*"`` = every kind)."""
+        if isinstance(kinds, str):
+            kinds = (kinds,)
+        kind_set = None if kinds is None or "*" in kinds else frozenset(kinds)
+        sub = Subscription(name or getattr(handler, "__qualname__", "handler"), handler, kind_set, mode, capacity)
+        self.subscriptions.append(sub)
+        if kind_set is None:
+            self._wildcard.append(sub)
+            for subs in self._by_kind.values():
+                subs.append(sub)
+        else:
+            for kind in kind_set:
+                self._by_kind.setdefault(kind, list(self._wildcard)).append(sub)
+        return sub
+
+    def add_hook(self, hook: Hook) -> Subscription:
+        return self.subscribe(hook.on_event, hook.events, mode=hook.mode, capacity=hook.capacity, name=hook.name)
+
+    def wants(self, kind: str) -> bool:
+        """True when someone listens to ``kind``: publishers skip building payloads nobody reads."""
+        return bool(self._by_kind.get(kind, self._wildcard))
+
+    def now(self) -> float:
+        return time.perf_counter() - self.start
+
+    async def publish(self, kind: str, source: str, data: dict[str, Any]) -> None:
+        subs = self._by_kind.get(kind, self._wildcard)
+        if not subs:
+            return
+        self.published += 1
+        event = Event(kind, source, time.perf_counter() - self.start, data)
+        for sub in subs:
+            await sub.deliver(event)
+
+    async def forward(self, event: Event) -> None:
+        """Deliver an event that was published elsewhere (a worker process), keeping its source and time."""
+        for sub in self._by_kind.get(event.kind, self._wildcard):
+            await sub.deliver(event)
+
+    def lossy(self) -> list[Subscription]:
+        return [s for s in self.subscriptions if s.mode == "lossy"]
+
+    def close(self) -> None:
+        """End every lossy subscription's stream: their drain tasks finish after the buffered events."""
+        for sub in self.subscriptions:
+            sub.close()
+
+    def statistics(self) -> dict[str, dict[str, Any]]:
+        return {s.name: {"mode": s.mode, "delivered": s.delivered, "dropped": s.dropped} for s in self.subscriptions}

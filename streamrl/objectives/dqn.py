@@ -1,0 +1,83 @@
+"""The DQN loss: double DQN, Huber or MSE, a target network owned by the loss.
+
+::
+
+    loss_fn = DQNLoss(actor, gamma=0.99, double_dqn=True, loss="smooth_l1")
+    out = loss_fn(batch)            # TensorDict: loss, td_error [B], q_value (mean), target_value (mean)
+    out["loss"].backward()
+    SoftUpdate(loss_fn, tau=0.01).step()    # or HardUpdate(loss_fn, every=500)
+
+The batch holds ``observation``, ``action`` (index), and under ``next``: ``observation``, ``reward`` [B, 1],
+``terminated`` [B, 1]. The TD target is ``r + gamma^n * (1 - terminated) * Q_target(s', a*)`` where ``a*`` is the
+online network's argmax (double DQN) or the target's (plain DQN). Truncated episodes bootstrap: only
+``terminated`` cuts the return. ``n`` is 1 unless the batch carries ``("next", "gamma")`` (n-step returns).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from torch import nn
+
+from streamrl.modules.actors import QValueActor
+
+
+class DQNLoss(nn.Module):
+    """Temporal-difference loss for a Q-value network; see the module docstring."""
+
+    def __init__(
+        self,
+        value_network: QValueActor | nn.Module,
+        *,
+        gamma: float = 0.99,
+        double_dqn: bool = True,
+        loss: Literal["smooth_l1", "l2"] = "smooth_l1",
+        in_key: str = "observation",
+    ) -> None:
+        super().__init__()
+        if loss not in ("smooth_l1", "l2"):
+            raise ValueError(f"DQNLoss: loss must be 'smooth_l1' or 'l2', got {loss!r}")
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"DQNLoss: gamma must be in [0, 1], got {gamma}")
+        net = value_network.value_net if isinstance(value_network, QValueActor) else value_network
+        self.value_net = net
+        self.target_value_net = copy.deepcopy(net).requires_grad_(False)
+        self.gamma = gamma
+        self.double_dqn = double_dqn
+        self.loss_type = loss
+        self.in_key = in_key
+
+    def target_pairs(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """(online, target) parameter pairs, for target updaters."""
+        return list(zip(self.value_net.parameters(), self.target_value_net.parameters(), strict=True))
+
+    def forward(self, batch: TensorDictBase) -> TensorDict:
+        obs = batch.get(self.in_key)
+        next_obs = batch.get(("next", self.in_key))
+        action = batch.get("action").long()
+        reward = batch.get(("next", "reward")).reshape(-1)
+        terminated = batch.get(("next", "terminated")).reshape(-1).to(reward.dtype)
+        gamma = batch.get(("next", "gamma"), None)
+        discount = gamma.reshape(-1) if gamma is not None else self.gamma
+        q_all = self.value_net(obs)
+        q = q_all.gather(-1, action.reshape(-1, 1)).squeeze(-1)
+        with torch.no_grad():
+            target_all = self.target_value_net(next_obs)
+            if self.double_dqn:
+                best = self.value_net(next_obs).argmax(-1, keepdim=True)
+            else:
+                best = target_all.argmax(-1, keepdim=True)
+            next_q = target_all.gather(-1, best).squeeze(-1)
+            target = reward + discount * (1.0 - terminated) * next_q
+        if self.loss_type == "smooth_l1":
+            loss = nn.functional.smooth_l1_loss(q, target)
+        else:
+            loss = nn.functional.mse_loss(q, target)
+        td_error = (q.detach() - target).abs()
+        return TensorDict(
+            {"loss": loss, "td_error": td_error, "q_value": q.detach().mean(), "target_value": target.mean()},
+            batch_size=[],
+        )

@@ -1,0 +1,61 @@
+"""Target-network updaters: soft (Polyak) and hard (copy every N calls).
+
+::
+
+    updater = SoftUpdate(loss_fn, tau=0.005)   # target <- (1 - tau) * target + tau * online
+    updater = HardUpdate(loss_fn, every=500)   # target <- online, every 500th step()
+    updater.step()                             # after each optimizer step (a hook does it in a pipeline)
+
+``loss_fn`` is any loss exposing ``target_pairs() -> [(online, target), ...]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+
+class HasTargets(Protocol):
+    def target_pairs(self) -> list[tuple[torch.nn.Parameter, torch.Tensor]]: ...
+
+
+class SoftUpdate:
+    """Polyak averaging of the target parameters towards the online ones at every ``step``."""
+
+    def __init__(self, loss: HasTargets, *, tau: float = 0.005) -> None:
+        if not 0.0 < tau <= 1.0:
+            raise ValueError(f"SoftUpdate: tau must be in (0, 1], got {tau}")
+        self.loss = loss
+        self.tau = tau
+        self.steps = 0
+
+    @torch.no_grad()
+    def step(self) -> None:
+        pairs = self.loss.target_pairs()
+        torch._foreach_lerp_([t for _, t in pairs], [o.detach() for o, _ in pairs], self.tau)
+        self.steps += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps}
+
+
+class HardUpdate:
+    """Copy the online parameters into the target every ``every`` calls to ``step``."""
+
+    def __init__(self, loss: HasTargets, *, every: int = 500) -> None:
+        if every < 1:
+            raise ValueError(f"HardUpdate: every must be >= 1, got {every}")
+        self.loss = loss
+        self.every = every
+        self.steps = 0
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.steps += 1
+        if self.steps % self.every == 0:
+            for online, target in self.loss.target_pairs():
+                target.copy_(online)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps}

@@ -1,0 +1,243 @@
+"""The pipeline graph: named stages, bounded edges, stage groups with a placement, hooks.
+
+The graph is plain data; :mod:`streamrl.runtime` executes it. Build one in a pipeline file::
+
+    p = Pipeline("dqn")
+    p.add(EnvStage("env", env), PolicyStage("policy", actor), group="collect")
+    p.add(WriterStage("writer", replay), SamplerStage("sampler", replay), LearnerStage("learner", ...))
+    p.connect("env.requests", "policy.requests", capacity=1)
+    p.connect("policy.actions", "env.actions", capacity=1)
+    p.connect("env.chunks", "writer.chunks")
+    ...
+    p.place("collect", "worker_process")    # run env + policy in their own process
+    p.add_hook(ProgressBar(), MetricsCSV())
+    p.validate()                            # the runtime calls it too
+
+Ports are addressed ``"stage.port"``. Several outputs may feed one input (fan-in); an output feeds exactly one
+input. An edge that crosses from one process to another needs capacity >= 1 (the buffer is what lets both sides
+run at once). Stages are grouped; a group's placement says where its stages run: ``"in_process"`` (the main
+event loop) or ``"worker_process"`` (a child process exchanging chunks and weights through shared memory).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from streamrl.errors import PipelineError
+from streamrl.events import Hook
+from streamrl.stages.base import Stage
+
+Placement = Literal["in_process", "worker_process"]
+PLACEMENTS: tuple[str, ...] = ("in_process", "worker_process")
+MAIN = "main"
+
+
+@dataclass(frozen=True)
+class Edge:
+    """A bounded stream from ``src`` (stage.port) to ``dst`` (stage.port)."""
+
+    src_stage: str
+    src_port: str
+    dst_stage: str
+    dst_port: str
+    capacity: int = 2
+    overflow: Literal["block", "drop_oldest"] = "block"
+
+    @property
+    def name(self) -> str:
+        return f"{self.src_stage}.{self.src_port}->{self.dst_stage}.{self.dst_port}"
+
+    @property
+    def stream_name(self) -> str:
+        """Fan-in edges into one input share a stream, named after the input."""
+        return f"{self.dst_stage}.{self.dst_port}"
+
+
+def _split(address: str, role: str) -> tuple[str, str]:
+    stage, sep, port = address.partition(".")
+    if not sep or not stage or not port:
+        raise PipelineError(f"{role} must be written 'stage.port', got {address!r}")
+    return stage, port
+
+
+class Pipeline:
+    """A graph of stages joined by bounded streams, plus the hooks subscribed to its events."""
+
+    def __init__(self, name: str = "pipeline", *, config: Any = None) -> None:
+        self.name = name
+        self.config = config
+        self.stages: dict[str, Stage] = {}
+        self.stage_group: dict[str, str] = {}
+        self.groups: dict[str, Placement] = {MAIN: "in_process"}
+        self.edges: list[Edge] = []
+        self.hooks: list[tuple[Hook, str]] = []
+        self._duplicates: list[str] = []
+
+    # -- building ------------------------------------------------------------------------------------------
+    def add(self, *stages: Stage, group: str = MAIN) -> Pipeline:
+        for stage in stages:
+            if not isinstance(stage, Stage):
+                raise PipelineError(f"Pipeline.add takes Stage objects, got {type(stage).__name__}: {stage!r}")
+            if stage.name in self.stages:
+                self._duplicates.append(stage.name)
+            self.stages[stage.name] = stage
+            self.stage_group[stage.name] = group
+            self.groups.setdefault(group, "in_process")
+        return self
+
+    def place(self, group: str, placement: Placement) -> Pipeline:
+        """Say where a stage group runs: ``"in_process"`` or ``"worker_process"``."""
+        if placement not in PLACEMENTS:
+            raise PipelineError(f"placement of group {group!r} must be one of {PLACEMENTS}, got {placement!r}")
+        if group == MAIN and placement != "in_process":
+            raise PipelineError("group 'main' is the main process; put stages in another group to move them")
+        self.groups[group] = placement
+        return self
+
+    def connect(
+        self,
+        src: str,
+        dst: str,
+        *,
+        capacity: int = 2,
+        overflow: Literal["block", "drop_oldest"] = "block",
+    ) -> Pipeline:
+        """Join output ``src`` ("stage.port") to input ``dst`` with a stream of ``capacity`` items."""
+        s_stage, s_port = _split(src, "the source of a connection")
+        d_stage, d_port = _split(dst, "the destination of a connection")
+        if not isinstance(capacity, int) or capacity < 0:
+            raise PipelineError(f"connect({src!r}, {dst!r}): capacity must be an int >= 0, got {capacity!r}")
+        self.edges.append(Edge(s_stage, s_port, d_stage, d_port, capacity, overflow))
+        return self
+
+    def add_hook(self, *hooks: Hook, group: str = MAIN) -> Pipeline:
+        """Subscribe hooks; ``group`` runs them in that group's process (next to the stages they act on)."""
+        for hook in hooks:
+            if not isinstance(hook, Hook):
+                raise PipelineError(f"add_hook takes Hook objects, got {type(hook).__name__}: {hook!r}")
+            self.hooks.append((hook, group))
+        return self
+
+    # -- queries -------------------------------------------------------------------------------------------
+    def placement_of(self, stage: str) -> Placement:
+        return self.groups[self.stage_group[stage]]
+
+    def process_of(self, stage: str) -> str:
+        """The process a stage runs in: ``"main"`` or the name of its worker group."""
+        group = self.stage_group[stage]
+        return group if self.groups[group] == "worker_process" else MAIN
+
+    def hooks_in(self, process: str) -> list[Hook]:
+        return [h for h, g in self.hooks if (g if self.groups.get(g) == "worker_process" else MAIN) == process]
+
+    def worker_groups(self) -> list[str]:
+        return [g for g, p in self.groups.items() if p == "worker_process" and g in self.stage_group.values()]
+
+    def describe(self) -> str:
+        """A text drawing of the graph: groups, stages, edges."""
+        lines = [f"pipeline {self.name!r}"]
+        for group, placement in self.groups.items():
+            members = [n for n, g in self.stage_group.items() if g == group]
+            if members:
+                lines.append(f"  group {group} ({placement}): {', '.join(members)}")
+        for e in self.edges:
+            lines.append(f"  {e.src_stage}.{e.src_port} --[{e.capacity}{' lossy' if e.overflow != 'block' else ''}]--> "
+                         f"{e.dst_stage}.{e.dst_port}")
+        for hook, group in self.hooks:
+            lines.append(f"  hook {hook.name} on {', '.join(hook.events) or '-'} ({hook.mode}, group {group})")
+        return "\n".join(lines)
+
+    # -- validation ----------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Check the graph before anything runs; raise :class:`PipelineError` saying what to fix."""
+        if self._duplicates:
+            name = self._duplicates[0]
+            raise PipelineError(f"two stages are named {name!r}; give each stage a unique name")
+        if not self.stages:
+            raise PipelineError(f"pipeline {self.name!r} has no stages; add some with Pipeline.add(...)")
+        used_outputs: dict[tuple[str, str], Edge] = {}
+        inputs: dict[tuple[str, str], list[Edge]] = {}
+        for e in self.edges:
+            self._check_port(e.src_stage, e.src_port, "output", e)
+            self._check_port(e.dst_stage, e.dst_port, "input", e)
+            key = (e.src_stage, e.src_port)
+            if key in used_outputs:
+                raise PipelineError(
+                    f"output {e.src_stage}.{e.src_port} is connected twice ({used_outputs[key].name} and {e.name}); "
+                    "an output feeds one input: add a stage that copies items to several outputs"
+                )
+            used_outputs[key] = e
+            inputs.setdefault((e.dst_stage, e.dst_port), []).append(e)
+            if self.process_of(e.src_stage) != self.process_of(e.dst_stage) and e.capacity < 1:
+                raise PipelineError(
+                    f"edge {e.name} crosses processes with capacity 0; give it capacity >= 1 so both sides can run"
+                )
+        for (stage, port), edges in inputs.items():
+            if len({(e.capacity, e.overflow) for e in edges}) > 1:
+                raise PipelineError(
+                    f"input {stage}.{port} is fed by {len(edges)} edges with different capacity/overflow; "
+                    "fan-in edges share one stream, give them the same settings"
+                )
+        for name, stage in self.stages.items():
+            for port in stage.inputs:
+                if (name, port) not in inputs and port not in stage.optional:
+                    raise PipelineError(
+                        f"input {name}.{port} is not connected; connect an output to it with "
+                        f"pipeline.connect('<stage>.<port>', '{name}.{port}')"
+                    )
+            for port in stage.outputs:
+                if (name, port) not in used_outputs and port not in stage.optional:
+                    raise PipelineError(
+                        f"output {name}.{port} is not connected; connect it with "
+                        f"pipeline.connect('{name}.{port}', '<stage>.<port>')"
+                    )
+        for hook, group in self.hooks:
+            if group not in self.groups:
+                raise PipelineError(f"hook {hook.name!r} is placed in unknown group {group!r}; known: {list(self.groups)}")
+        self._check_unbuffered_cycles()
+
+    def _check_port(self, stage: str, port: str, kind: str, edge: Edge) -> None:
+        if stage not in self.stages:
+            raise PipelineError(
+                f"connection {edge.name} names stage {stage!r}, which is not in the pipeline; "
+                f"stages: {sorted(self.stages)}"
+            )
+        declared = self.stages[stage].outputs if kind == "output" else self.stages[stage].inputs
+        if port not in declared:
+            raise PipelineError(
+                f"connection {edge.name}: stage {stage!r} ({type(self.stages[stage]).__name__}) has no {kind} "
+                f"{port!r}; its {kind}s are {list(declared)}"
+            )
+
+    def _check_unbuffered_cycles(self) -> None:
+        """A cycle made only of capacity-0 (rendezvous) edges deadlocks: each stage waits for the next."""
+        graph: dict[str, list[str]] = {}
+        for e in self.edges:
+            if e.capacity == 0:
+                graph.setdefault(e.src_stage, []).append(e.dst_stage)
+        state: dict[str, int] = {}  # 1 = on the DFS stack, 2 = done
+
+        def visit(node: str, path: list[str]) -> None:
+            state[node] = 1
+            for nxt in graph.get(node, []):
+                if state.get(nxt) == 1:
+                    cycle = path[path.index(nxt):] + [nxt] if nxt in path else [node, nxt]
+                    raise PipelineError(
+                        f"stages {' -> '.join(cycle)} form a cycle with no buffering (every edge has capacity 0), "
+                        f"which deadlocks; give one edge of the cycle capacity >= 1, e.g. stage {cycle[0]!r}'s output"
+                    )
+                if state.get(nxt) is None:
+                    visit(nxt, path + [nxt])
+            state[node] = 2
+
+        for node in list(graph):
+            if state.get(node) is None:
+                visit(node, [node])
+
+    def stages_in(self, process: str) -> list[Stage]:
+        return [s for n, s in self.stages.items() if self.process_of(n) == process]
+
+    def edges_touching(self, process: str) -> Iterable[Edge]:
+        return (e for e in self.edges if process in (self.process_of(e.src_stage), self.process_of(e.dst_stage)))

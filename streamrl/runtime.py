@@ -1,0 +1,346 @@
+"""Run a pipeline: one task group, one failure cancels all, graceful stop, a summary on every exit path.
+
+::
+
+    result = streamrl.run(pipeline, run_dir="runs/dqn", seed=0, device="auto")
+    print(result.summary["frames_per_s"], result.exit_reason)
+
+What happens:
+
+1. ``pipeline.validate()``; streams are created for every edge; hooks ``start``.
+2. Every stage of the main process runs as a task of one task group; every worker group is a task that owns a
+   child process and bridges its edges; lossy hooks drain in their own tasks.
+3. The run ends when every stage returned (sources hit their frame budget and the rest drained), or:
+
+   * a stage raises → every other stage is cancelled, the run raises :class:`StageFailed` naming the stage,
+     with the original exception as its cause;
+   * a stop is requested (SIGINT/SIGTERM, or a hook such as a solved evaluation) → sources return at their
+     next chunk, the pipeline drains for up to ``drain_timeout`` seconds, then what is left is cancelled.
+     A second SIGINT cancels at once.
+
+4. On every exit path, shielded from cancellation: each stage's ``close`` (the replay store flushes), each
+   hook's ``close`` (metrics, checkpoint), then ``summary.json`` with the run's figures, per-stream statistics
+   and per-stage busy fractions naming the bottleneck.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+import structlog
+import torch
+
+from streamrl.errors import BrokenStreamError, StageFailed
+from streamrl.events import EventBus, Hook
+from streamrl.pipeline import MAIN, Pipeline
+from streamrl.stages.base import Stage, StageContext
+from streamrl.summary import RunRecorder, write_json
+from streamrl.wiring import Wiring, wire
+
+log = structlog.get_logger("streamrl.runtime")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` is CUDA when available, else CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class RunContext:
+    """Shared by the stages and hooks of one process: run directory, device, seed, bus, stop flag."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        bus: EventBus,
+        device: torch.device,
+        seed: int,
+        config: Any = None,
+        process: str = MAIN,
+        recorder: RunRecorder | None = None,
+    ) -> None:
+        self.run_dir = run_dir
+        self.bus = bus
+        self.device = device
+        self.seed = seed
+        self.config = config
+        self.process = process
+        self.recorder = recorder
+        self.stopping = False
+        self.stop_reason: str | None = None
+        self.stop_event = anyio.Event()
+        self.cancel_now = anyio.Event()
+
+    def request_stop(self, reason: str) -> None:
+        """Ask sources to stop; the pipeline then drains. Safe to call more than once."""
+        if not self.stopping:
+            self.stopping = True
+            self.stop_reason = reason
+            self.stop_event.set()
+
+    def elapsed(self) -> float:
+        return self.bus.now()
+
+
+@dataclass
+class RunResult:
+    """What :func:`run` returns: the summary written to ``summary.json`` and how the run ended."""
+
+    summary: dict[str, Any]
+    exit_reason: str  # "completed", "stopped", "interrupted", "terminated"
+    run_dir: Path
+    signal: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signal if self.signal else 0
+
+
+async def _run_stage(stage: Stage, ctx: StageContext) -> None:
+    ctx.started_at = time.perf_counter()
+    try:
+        await stage.run(ctx)
+    except BrokenStreamError:
+        pass  # the consumer finished: a normal end for a producer
+    except StageFailed:
+        raise
+    except Exception as exc:
+        raise StageFailed(stage.name, exc) from exc
+    finally:
+        ctx.ended_at = time.perf_counter()
+        ctx.close_ports()
+
+
+def _first_failure(exc: BaseException) -> BaseException:
+    """Pick the error to report from a (nested) exception group: a StageFailed if there is one."""
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = []
+        stack: list[BaseException] = [exc]
+        while stack:
+            e = stack.pop(0)
+            if isinstance(e, BaseExceptionGroup):
+                stack.extend(e.exceptions)
+            else:
+                leaves.append(e)
+        for leaf in leaves:
+            if isinstance(leaf, StageFailed):
+                return leaf
+        for leaf in leaves:
+            if not isinstance(leaf, anyio.get_cancelled_exc_class()):
+                return leaf
+        return leaves[0]
+    return exc
+
+
+async def _watch_signals(run: RunContext, received: list[int]) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            received.append(signum)
+            if len(received) == 1:
+                name = "interrupted" if signum == signal.SIGINT else "terminated"
+                log.warning("stop requested by signal; draining (send it again to cancel at once)", signal=signum)
+                run.request_stop(name)
+            else:
+                run.cancel_now.set()
+
+
+async def _watch_stop(run: RunContext, stages_scope: anyio.CancelScope, drain_timeout: float) -> None:
+    async def grace() -> None:
+        await run.stop_event.wait()
+        await anyio.sleep(drain_timeout)
+
+    async with anyio.create_task_group() as tg:
+        async def cancel_when(wait: Any) -> None:
+            await wait()
+            stages_scope.cancel()
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(cancel_when, grace)
+        tg.start_soon(cancel_when, run.cancel_now.wait)
+
+
+def _bottleneck(busy: dict[str, float]) -> str | None:
+    return max(busy, key=lambda k: busy[k]) if busy else None
+
+
+async def run_async(
+    pipeline: Pipeline,
+    run_dir: str | Path,
+    *,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    handle_signals: bool = True,
+    drain_timeout: float = 5.0,
+    preload: list[tuple[str, str]] | None = None,
+) -> RunResult:
+    """Run ``pipeline`` inside the current event loop; see the module docstring."""
+    from streamrl.placement import WorkerGroup  # placement imports the runtime
+
+    pipeline.validate()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(seed)
+    recorder = RunRecorder()
+    bus = EventBus()
+    bus.subscribe(recorder.on_event, ("chunk", "optim_step", "weights", "eval"), name="recorder")
+    run = RunContext(run_dir, bus=bus, device=resolve_device(device), seed=seed, config=pipeline.config,
+                     recorder=recorder)
+    wiring: Wiring = wire(pipeline, MAIN)
+    contexts = [
+        StageContext(stage, run, wiring.inputs[stage.name], wiring.outputs[stage.name])
+        for stage in pipeline.stages_in(MAIN)
+    ]
+    workers = [
+        WorkerGroup(pipeline, group, wiring, run, index=i, preload=preload or [])
+        for i, group in enumerate(pipeline.worker_groups())
+    ]
+    hooks: list[Hook] = pipeline.hooks_in(MAIN)
+    received_signals: list[int] = []
+    started = time.perf_counter()
+    error: BaseException | None = None
+    started_hooks: list[Hook] = []
+    try:
+        for hook in hooks:
+            await hook.start(run)
+            started_hooks.append(hook)
+            bus.add_hook(hook)
+        await bus.publish("run_start", pipeline.name, {"run_dir": str(run_dir), "seed": seed, "device": str(run.device)})
+        async with anyio.create_task_group() as outer:
+            for sub in bus.lossy():
+                outer.start_soon(sub.drain)
+            watch_scope = anyio.CancelScope()
+            stages_scope = anyio.CancelScope()
+
+            async def watchers() -> None:
+                with watch_scope:
+                    async with anyio.create_task_group() as wtg:
+                        if handle_signals:
+                            wtg.start_soon(_watch_signals, run, received_signals)
+                        wtg.start_soon(_watch_stop, run, stages_scope, drain_timeout)
+
+            outer.start_soon(watchers)
+            try:
+                with stages_scope:
+                    async with anyio.create_task_group() as tg:
+                        for ctx in contexts:
+                            tg.start_soon(_run_stage, ctx.stage, ctx)
+                        for worker in workers:
+                            tg.start_soon(worker.run)
+            finally:
+                watch_scope.cancel()
+                bus.close()
+    except BaseException as exc:  # noqa: BLE001 - reported below, re-raised after the finalizers
+        error = _first_failure(exc)
+    finally:
+        with anyio.CancelScope(shield=True):
+            close_errors = await _finalize(contexts, started_hooks, run)
+    wall = time.perf_counter() - started
+    if error is None and close_errors:
+        error = close_errors[0]
+    if received_signals:
+        exit_reason = "interrupted" if received_signals[0] == signal.SIGINT else "terminated"
+    elif error is not None:
+        exit_reason = "failed"
+    elif run.stopping:
+        exit_reason = "stopped"
+    else:
+        exit_reason = "completed"
+    summary = _summary(pipeline, recorder, wall, wiring, contexts, workers, bus, run, exit_reason, error)
+    write_json(run_dir / "summary.json", summary)
+    if error is not None:
+        raise error
+    return RunResult(summary, exit_reason, run_dir, received_signals[0] if received_signals else None)
+
+
+async def _finalize(contexts: list[StageContext], hooks: list[Hook], run: RunContext) -> list[BaseException]:
+    errors: list[BaseException] = []
+    for ctx in contexts:
+        try:
+            with anyio.fail_after(60):
+                await ctx.stage.close(ctx)
+        except Exception as exc:  # keep closing the others
+            log.error("stage close failed", stage=ctx.name, error=repr(exc))
+            errors.append(StageFailed(ctx.name, exc))
+    for hook in reversed(hooks):
+        try:
+            with anyio.fail_after(120):
+                await hook.close(run)
+        except Exception as exc:
+            log.error("hook close failed", hook=hook.name, error=repr(exc), traceback=traceback.format_exc())
+            errors.append(StageFailed(f"hook {hook.name}", exc))
+    return errors
+
+
+def _summary(
+    pipeline: Pipeline,
+    recorder: RunRecorder,
+    wall: float,
+    wiring: Wiring,
+    contexts: list[StageContext],
+    workers: list[Any],
+    bus: EventBus,
+    run: RunContext,
+    exit_reason: str,
+    error: BaseException | None,
+) -> dict[str, Any]:
+    streams = {name: s.as_dict() for name, s in wiring.statistics().items()}
+    busy = {ctx.name: round(ctx.busy_fraction(), 4) for ctx in contexts}
+    for worker in workers:
+        streams.update(worker.stream_statistics)
+        busy.update(worker.busy)
+    summary = recorder.figures(wall)
+    summary.update(
+        {
+            "pipeline": pipeline.name,
+            "exit_reason": exit_reason,
+            "stop_reason": run.stop_reason,
+            "error": None if error is None else f"{type(error).__name__}: {error}",
+            "seed": run.seed,
+            "device": str(run.device),
+            "streams": streams,
+            "stages": {"busy_fraction": busy, "bottleneck": _bottleneck(busy)},
+            "hooks": bus.statistics(),
+        }
+    )
+    return summary
+
+
+def run(
+    pipeline: Pipeline,
+    run_dir: str | Path,
+    *,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    handle_signals: bool = True,
+    drain_timeout: float = 5.0,
+    preload: list[tuple[str, str]] | None = None,
+) -> RunResult:
+    """Run ``pipeline`` to completion in a fresh event loop (asyncio backend); see the module docstring."""
+
+    async def main() -> RunResult:
+        return await run_async(
+            pipeline, run_dir, seed=seed, device=device, handle_signals=handle_signals,
+            drain_timeout=drain_timeout, preload=preload,
+        )
+
+    result: RunResult = anyio.run(main, backend="asyncio")
+    return result
+
+

@@ -1,0 +1,1 @@
+"""Stages: the async components a pipeline is made of."""

@@ -1,0 +1,126 @@
+"""The stage interface: an async component with named input and output ports.
+
+A stage owns its state and talks to the world only through its ports (bounded streams) and the event bus::
+
+    class Doubler(Stage):
+        inputs = ("numbers",)
+        outputs = ("doubled",)
+
+        async def run(self, ctx: StageContext) -> None:
+            async for x in ctx.input("numbers"):          # ends when the upstream stage closes
+                await ctx.output("doubled").send(2 * x)   # waits while downstream is busy
+                await ctx.publish("doubled", value=2 * x) # hooks subscribed to "doubled" see it
+
+The runtime closes a stage's outputs when ``run`` returns (downstream then sees the end of the stream) and calls
+``close`` on every exit path: flush files there. A *source* stage (``source = True``) produces data on its own
+and must return soon after ``ctx.stopping`` becomes true; the rest of the pipeline then drains.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from streamrl.errors import PipelineError
+from streamrl.streams import ReceiveStream, SendStream
+
+if TYPE_CHECKING:
+    from streamrl.runtime import RunContext
+
+
+class Stage:
+    """Base class of stages. Subclasses declare ``inputs``/``outputs`` and implement ``run``."""
+
+    inputs: ClassVar[tuple[str, ...]] = ()
+    outputs: ClassVar[tuple[str, ...]] = ()
+    optional: ClassVar[frozenset[str]] = frozenset()  # ports that may stay unconnected
+    source: ClassVar[bool] = False
+
+    def __init__(self, name: str) -> None:
+        if not name or not isinstance(name, str) or "." in name:
+            raise PipelineError(f"a stage name must be a non-empty string without '.', got {name!r}")
+        self.name = name
+
+    async def run(self, ctx: StageContext) -> None:
+        raise NotImplementedError(f"stage {self.name!r} ({type(self).__name__}) must implement run(ctx)")
+
+    async def close(self, ctx: StageContext) -> None:
+        """Release resources; called once on every exit path, after ``run`` ended or was cancelled."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+
+class StageContext:
+    """What a running stage sees: its connected ports, the run, and the event bus."""
+
+    def __init__(
+        self,
+        stage: Stage,
+        run: RunContext,
+        inputs: dict[str, ReceiveStream[Any]],
+        outputs: dict[str, SendStream[Any]],
+    ) -> None:
+        self.stage = stage
+        self.name = stage.name
+        self.run = run
+        self._inputs = inputs
+        self._outputs = outputs
+        self.extra_wait_s = 0.0  # waits outside streams (rate limiter, sleeps) the stage reports
+        self.started_at: float | None = None
+        self.ended_at: float | None = None
+
+    def input(self, port: str) -> ReceiveStream[Any]:
+        try:
+            return self._inputs[port]
+        except KeyError:
+            raise PipelineError(
+                f"stage {self.name!r} has no connected input {port!r}; connected: {sorted(self._inputs)}"
+            ) from None
+
+    def output(self, port: str) -> SendStream[Any]:
+        try:
+            return self._outputs[port]
+        except KeyError:
+            raise PipelineError(
+                f"stage {self.name!r} has no connected output {port!r}; connected: {sorted(self._outputs)}"
+            ) from None
+
+    def has_input(self, port: str) -> bool:
+        return port in self._inputs
+
+    def has_output(self, port: str) -> bool:
+        return port in self._outputs
+
+    @property
+    def stopping(self) -> bool:
+        """True once a stop was requested (Ctrl-C, a solved evaluation): sources should return."""
+        return self.run.stopping
+
+    async def publish(self, kind: str, **data: Any) -> None:
+        await self.run.bus.publish(kind, self.name, data)
+
+    def wants(self, kind: str) -> bool:
+        return self.run.bus.wants(kind)
+
+    def close_ports(self) -> None:
+        for out in self._outputs.values():
+            out.close()
+        for inp in self._inputs.values():
+            inp.close()
+
+    def busy_fraction(self) -> float:
+        """Share of the stage's lifetime not spent waiting on its streams or rate limits."""
+        if self.started_at is None:
+            return 0.0
+        end = self.ended_at if self.ended_at is not None else time.perf_counter()
+        wall = max(end - self.started_at, 1e-9)
+        waited = self.extra_wait_s + sum(s.waited_s for s in self._inputs.values())
+        waited += sum(s.waited_s for s in self._outputs.values())
+        return max(0.0, min(1.0, 1.0 - waited / wall))

@@ -1,0 +1,114 @@
+"""The env stage: steps a vector of envs, asks the policy stage for actions, emits chunks.
+
+::
+
+    env_stage = EnvStage("env", GymEnv("CartPole-v1", num_envs=8), frames_per_chunk=256, total_frames=100_000)
+    pipeline.connect("env.requests", "policy.requests", capacity=1)
+    pipeline.connect("policy.actions", "env.actions", capacity=1)
+    pipeline.connect("env.chunks", "writer.chunks")
+
+Each step: send the current observations to the policy, await its answer, step the envs, write the step into
+preallocated buffers (:class:`~streamrl.envs.chunks.ChunkBuilder`). Once ``frames_per_chunk`` frames are
+buffered, the stage publishes a ``chunk`` event (lockstep subscribers may edit the chunk, as TorchRL's
+``batch_process`` hooks do) and sends the chunk downstream. It stops when ``total_frames`` frames were emitted
+or when a stop is requested, at a chunk boundary.
+
+Double buffering: two env stages (``group=0`` and ``group=1``) may share one policy stage; while one group waits
+for inference the other steps its envs. That pays off when envs step in subprocesses (``backend="subprocess"``:
+the stage awaits the workers without blocking the loop) or inference runs on a GPU. For in-process vector envs a
+single group is faster.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from tensordict import TensorDict
+
+from streamrl.envs.chunks import ChunkBuilder
+from streamrl.envs.gym import GymEnv
+from streamrl.errors import ConfigError
+from streamrl.stages.base import Stage, StageContext
+from streamrl.stages.policy import StepRequest
+
+
+class EnvStage(Stage):
+    """Steps ``env`` and emits chunks of ``frames_per_chunk`` frames; see the module docstring."""
+
+    inputs = ("actions",)
+    outputs = ("requests", "chunks")
+    source = True
+
+    def __init__(
+        self,
+        name: str,
+        env: GymEnv,
+        *,
+        frames_per_chunk: int,
+        total_frames: int | None = None,
+        group: int = 0,
+        record: tuple[str, ...] = ("action",),
+    ) -> None:
+        super().__init__(name)
+        if frames_per_chunk % env.num_envs:
+            raise ConfigError(
+                f"EnvStage {name!r}: frames_per_chunk={frames_per_chunk} must be a multiple of "
+                f"num_envs={env.num_envs}; each chunk holds the same number of steps for every env"
+            )
+        self.env = env
+        self.steps_per_chunk = frames_per_chunk // env.num_envs
+        self.total_frames = total_frames
+        self.group = group
+        self.record = record
+        self.frames = 0
+        self.chunks = 0
+
+    async def run(self, ctx: StageContext) -> None:
+        env = self.env.open()
+        seed = env.seed if env.seed is not None else ctx.run.seed + 7919 * self.group
+        first = env.reset(seed=seed)
+        builder = ChunkBuilder(env.num_envs, self.steps_per_chunk, first, drops_rows=env.autoreset == "next_step")
+        td = TensorDict({"observation": torch.from_numpy(builder.current_obs)}, batch_size=[env.num_envs])
+        request = StepRequest(td, self.group)
+        send_request = ctx.output("requests").send
+        receive_answer = ctx.input("actions").receive
+        chunks = ctx.output("chunks")
+        record = self.record
+        subprocess = env.is_subprocess
+        total = self.total_frames
+        while not ctx.stopping and (total is None or self.frames < total):
+            request.new_chunk = True
+            while not builder.ready:
+                await send_request(request)
+                await receive_answer()
+                request.new_chunk = False
+                for key in record:
+                    builder.record(key, td.get(key).numpy())
+                action = td.get("action").numpy()
+                if subprocess:
+                    env.step_async(action)
+                    await env.wait_ready()
+                    step = env.step_wait()
+                else:
+                    step = env.step(action)
+                builder.add(step, request.version)
+            chunk, episodes = builder.emit()
+            chunk_frames = episodes.pop("frames")
+            self.frames += chunk_frames
+            self.chunks += 1
+            await ctx.publish(
+                "chunk", frames=self.frames, chunk_frames=chunk_frames, policy_version=request.version,
+                chunk=chunk, **episodes,
+            )
+            await chunks.send(chunk)
+
+    async def close(self, ctx: StageContext) -> None:
+        self.env.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"frames": self.frames, "chunks": self.chunks}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.frames = state["frames"]
+        self.chunks = state["chunks"]

@@ -1,0 +1,111 @@
+"""The learner stage: one optimizer step per batch, weights published every k steps.
+
+::
+
+    learner = LearnerStage("learner", loss_fn, torch.optim.Adam(loss_fn.parameters(), lr=1e-3),
+                           publish=actor, publish_every=4, max_grad_norm=10.0, device="auto")
+    pipeline.connect("sampler.batches", "learner.batches", capacity=4)
+    pipeline.connect("learner.weights", "policy.weights", capacity=1, overflow="drop_oldest")
+
+Per batch it publishes, in order, the events hooks subscribe to: ``batch`` (lockstep hooks may edit the batch,
+TorchRL's ``process_optim_batch``), ``loss`` (``post_loss``), ``optim_step`` (``post_optim``: target updates,
+schedulers) with the loss, gradient norm and the age of the batch (learner version minus each row's
+``policy_version``), and ``weights`` after each publish. On CUDA, batches arrive in pinned memory and are copied
+with ``non_blocking=True``; scalars are read back to the CPU only every ``log_every`` steps.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import torch
+from torch import nn
+
+from streamrl.runtime import resolve_device
+from streamrl.stages.base import Stage, StageContext
+from streamrl.stages.policy import weights_message
+
+
+class LearnerStage(Stage):
+    """Optimizes ``loss`` on every batch it receives; see the module docstring."""
+
+    inputs = ("batches",)
+    outputs = ("weights",)
+    optional = frozenset({"weights"})
+
+    def __init__(
+        self,
+        name: str,
+        loss: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        publish: nn.Module | None = None,
+        publish_every: int = 1,
+        max_grad_norm: float | None = None,
+        device: str | torch.device = "auto",
+        log_every: int = 1,
+    ) -> None:
+        super().__init__(name)
+        if publish_every < 1:
+            raise ValueError(f"LearnerStage {name!r}: publish_every must be >= 1, got {publish_every}")
+        self.loss = loss
+        self.optimizer = optimizer
+        self.publish = publish
+        self.publish_every = publish_every
+        self.max_grad_norm = max_grad_norm
+        self.device = device
+        self.log_every = log_every
+        self.steps = 0
+        self.version = 0
+
+    async def run(self, ctx: StageContext) -> None:
+        device = resolve_device(self.device)
+        self.loss.to(device)
+        weights_out = ctx.output("weights") if ctx.has_output("weights") else None
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        non_blocking = device.type == "cuda"
+        async for batch in ctx.input("batches"):
+            batch = batch.to(device, non_blocking=non_blocking)
+            acting_version = self.version
+            if ctx.wants("batch"):
+                await ctx.publish("batch", batch=batch, step=self.steps)
+            out = self.loss(batch)
+            if ctx.wants("loss"):
+                await ctx.publish("loss", loss=out, step=self.steps)
+            self.optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            grad_norm = None
+            if self.max_grad_norm is not None:
+                grad_norm = nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+            self.optimizer.step()
+            self.steps += 1
+            if weights_out is not None and self.publish is not None and self.steps % self.publish_every == 0:
+                self.version += 1
+                await weights_out.send(weights_message(self.publish, self.version))
+                await ctx.publish("weights", version=self.version, step=self.steps)
+            await ctx.publish("optim_step", **self._figures(batch, out, grad_norm, acting_version))
+            await anyio.lowlevel.checkpoint()  # other stages run between optimizer steps
+
+    def _figures(self, batch: Any, out: Any, grad_norm: torch.Tensor | None, version: int) -> dict[str, Any]:
+        figures: dict[str, Any] = {"step": self.steps, "version": self.version}
+        if self.steps % self.log_every:
+            return figures
+        figures["loss"] = float(out["loss"].detach())
+        if grad_norm is not None:
+            figures["grad_norm"] = float(grad_norm)
+        versions = batch.get("policy_version", None)
+        if versions is not None:
+            lag = (version - versions).float()  # how many publishes old the rows' acting weights were
+            figures.update(age_min=float(lag.min()), age_mean=float(lag.mean()), age_max=float(lag.max()))
+        figures["lr"] = self.optimizer.param_groups[0]["lr"]
+        return figures
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loss": self.loss.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "steps": self.steps, "version": self.version}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loss.load_state_dict(state["loss"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.steps, self.version = state["steps"], state["version"]

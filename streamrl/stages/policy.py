@@ -1,0 +1,107 @@
+"""The policy stage: batched inference for env stages, with versioned weights.
+
+Env stages send a :class:`StepRequest` (a TensorDict holding the current ``observation`` of their envs) on the
+``requests`` stream; the policy module writes its outputs (``action``, ...) into that same TensorDict and sends
+the request back on ``actions`` (``actions1`` for the second env group when ``groups=2``). Requests are reused
+from step to step, so the hot path allocates nothing but the module's outputs::
+
+    policy = PolicyStage("policy", explore_policy, weights_module=actor)
+    pipeline.connect("env.requests", "policy.requests", capacity=1)
+    pipeline.connect("policy.actions", "env.actions", capacity=1)
+    pipeline.connect("learner.weights", "policy.weights", capacity=1, overflow="drop_oldest")
+
+Weights arrive on the optional ``weights`` input as TensorDicts ``{"params": ..., "version": ...}`` published by
+the learner. They are applied only at the first step of a chunk (``StepRequest.new_chunk``), so every transition
+of a chunk was produced by one known ``policy_version``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from tensordict.nn import TensorDictModuleBase
+
+from streamrl.errors import EndOfStream
+from streamrl.stages.base import Stage, StageContext
+
+
+class StepRequest:
+    """A reusable request: an env group's current observations, and the policy's answer written back in."""
+
+    __slots__ = ("td", "group", "new_chunk", "version")
+
+    def __init__(self, td: TensorDictBase, group: int = 0) -> None:
+        self.td = td
+        self.group = group
+        self.new_chunk = True
+        self.version = 0
+
+
+def weights_message(module: torch.nn.Module, version: int) -> TensorDict:
+    """The weights of ``module`` as a detached CPU TensorDict tagged with ``version``."""
+    params = TensorDict.from_module(module).data.to("cpu", non_blocking=False).clone()
+    return TensorDict({"params": params, "version": torch.tensor(version, dtype=torch.int64)}, batch_size=[])
+
+
+class PolicyStage(Stage):
+    """Runs ``policy`` (a TensorDict module) on each request; see the module docstring."""
+
+    inputs = ("requests", "weights")
+    optional = frozenset({"weights"})
+
+    def __init__(
+        self,
+        name: str,
+        policy: TensorDictModuleBase,
+        *,
+        weights_module: torch.nn.Module | None = None,
+        groups: int = 1,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        super().__init__(name)
+        if groups not in (1, 2):
+            raise ValueError(f"PolicyStage {name!r}: groups must be 1 or 2, got {groups}")
+        self.policy = policy
+        self.weights_module = weights_module if weights_module is not None else policy
+        self.groups = groups
+        self.outputs = ("actions",) if groups == 1 else ("actions", "actions1")  # type: ignore[misc]
+        self.device = torch.device(device)
+        self.version = 0
+        self.weight_updates = 0
+
+    def load_weights(self, message: TensorDictBase) -> None:
+        target = TensorDict.from_module(self.weights_module)
+        with torch.no_grad():
+            target.update_(message["params"])
+        self.version = int(message["version"])
+        self.weight_updates += 1
+
+    async def run(self, ctx: StageContext) -> None:
+        self.policy.to(self.device)
+        requests = ctx.input("requests")
+        weights = ctx.input("weights") if ctx.has_input("weights") else None
+        outs = [ctx.output(port).send for port in self.outputs]
+        policy = self.policy
+        on_cpu = self.device.type == "cpu"
+        while True:
+            try:
+                request: StepRequest = await requests.receive()
+            except EndOfStream:
+                return
+            if request.new_chunk and weights is not None:
+                message = weights.latest_nowait()
+                if message is not None:
+                    self.load_weights(message)
+            with torch.no_grad():
+                if on_cpu:
+                    policy(request.td)
+                else:
+                    out = policy(request.td.to(self.device, non_blocking=True))
+                    request.td.update(out.select(*policy.out_keys).to("cpu"))
+            request.version = self.version
+            await outs[request.group](request)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": self.version}

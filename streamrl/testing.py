@@ -1,0 +1,152 @@
+"""Test helpers: sources, sinks and misbehaving envs, for tests and benchmarks of pipelines.
+
+::
+
+    p = Pipeline()
+    p.add(ListSource("src", [1, 2, 3]), Collect("sink"))
+    p.connect("src.items", "sink.items")
+    streamrl.run(p, tmp_path)
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import anyio
+import gymnasium as gym
+import numpy as np
+
+from streamrl.stages.base import Stage, StageContext
+
+
+class ListSource(Stage):
+    """Sends the given items, then ends its stream; ``delay`` seconds between items."""
+
+    outputs = ("items",)
+    source = True
+
+    def __init__(self, name: str, items: list[Any], *, delay: float = 0.0) -> None:
+        super().__init__(name)
+        self.items = list(items)
+        self.delay = delay
+        self.sent = 0
+
+    async def run(self, ctx: StageContext) -> None:
+        out = ctx.output("items")
+        for item in self.items:
+            if ctx.stopping:
+                return
+            await out.send(item)
+            self.sent += 1
+            if self.delay:
+                await anyio.sleep(self.delay)
+
+
+class Collect(Stage):
+    """Receives every item into ``self.items``; ``delay`` seconds of (sleeping) work per item."""
+
+    inputs = ("items",)
+
+    def __init__(self, name: str, *, delay: float = 0.0, keep: bool = True) -> None:
+        super().__init__(name)
+        self.items: list[Any] = []
+        self.count = 0
+        self.delay = delay
+        self.keep = keep
+
+    async def run(self, ctx: StageContext) -> None:
+        async for item in ctx.input("items"):
+            self.count += 1
+            if self.keep:
+                self.items.append(item)
+            if self.delay:
+                await anyio.sleep(self.delay)
+
+
+class CountFrames(Stage):
+    """A sink for chunks: counts frames and chunks, keeps nothing."""
+
+    inputs = ("chunks",)
+
+    def __init__(self, name: str = "sink") -> None:
+        super().__init__(name)
+        self.frames = 0
+        self.chunks = 0
+        self.first_at: float | None = None
+
+    async def run(self, ctx: StageContext) -> None:
+        async for chunk in ctx.input("chunks"):
+            if self.first_at is None:
+                self.first_at = time.perf_counter()
+            self.frames += chunk.numel()
+            self.chunks += 1
+
+
+class Fail(Stage):
+    """Raises ``error`` after receiving ``after`` items."""
+
+    inputs = ("items",)
+
+    def __init__(self, name: str, error: Exception, *, after: int = 0) -> None:
+        super().__init__(name)
+        self.error = error
+        self.after = after
+
+    async def run(self, ctx: StageContext) -> None:
+        seen = 0
+        async for _ in ctx.input("items"):
+            seen += 1
+            if seen > self.after:
+                raise self.error
+
+
+class FailingCartPole(gym.Wrapper):  # type: ignore[type-arg]
+    """CartPole that raises ``RuntimeError`` at its ``fail_at``-th step (for crash tests).
+
+    ``stamp`` names a file that receives ``time.time()`` of the failure, so a test can time the shutdown.
+    """
+
+    def __init__(self, fail_at: int = 100, stamp: str | None = None, **kwargs: Any) -> None:
+        super().__init__(gym.make("CartPole-v1", **kwargs))
+        self.fail_at = fail_at
+        self.stamp = stamp
+        self.steps = 0
+
+    def step(self, action: Any) -> Any:
+        self.steps += 1
+        if self.steps >= self.fail_at:
+            if self.stamp:
+                with open(self.stamp, "w") as f:
+                    f.write(repr(time.time()))
+            raise RuntimeError(f"env exploded at step {self.steps}")
+        return self.env.step(action)
+
+
+if "streamrl/FailingCartPole-v0" not in gym.registry:  # make it as "streamrl.testing:streamrl/FailingCartPole-v0"
+    gym.register("streamrl/FailingCartPole-v0", entry_point="streamrl.testing:FailingCartPole")
+
+
+def random_chunks(n: int, num_envs: int = 2, steps: int = 4, obs_dim: int = 4, seed: int = 0) -> list[Any]:
+    """``n`` chunks shaped like CartPole chunks with random content, for replay tests."""
+    import torch
+    from tensordict import TensorDict
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        shape = (num_envs, steps)
+        done = rng.random(shape) < 0.1
+        out.append(TensorDict({
+            "observation": torch.from_numpy(rng.standard_normal((*shape, obs_dim)).astype(np.float32)),
+            "action": torch.from_numpy(rng.integers(0, 2, shape)),
+            "policy_version": torch.full(shape, i, dtype=torch.int64),
+            "next": {
+                "observation": torch.from_numpy(rng.standard_normal((*shape, obs_dim)).astype(np.float32)),
+                "reward": torch.ones((*shape, 1)),
+                "done": torch.from_numpy(done[..., None]),
+                "terminated": torch.from_numpy(done[..., None]),
+                "truncated": torch.zeros((*shape, 1), dtype=torch.bool),
+            },
+        }, batch_size=list(shape)))
+    return out

@@ -1,0 +1,61 @@
+"""The event bus: lockstep subscribers see every event once, lossy ones drop oldest and count drops."""
+
+import anyio
+
+from streamrl import EventBus
+
+
+async def test_lockstep_hook_sees_every_event_once_in_order():
+    bus = EventBus()
+    seen = []
+    bus.subscribe(lambda e: seen.append(e.data["i"]), ["tick"], mode="lockstep")
+    for i in range(1000):
+        await bus.publish("tick", "src", {"i": i})
+        await bus.publish("other", "src", {"i": -1})
+    assert seen == list(range(1000))
+
+
+async def test_publisher_waits_for_an_async_lockstep_hook():
+    bus = EventBus()
+    order = []
+
+    async def slow(event):
+        await anyio.sleep(0.01)
+        order.append("hook")
+
+    bus.subscribe(slow, ["tick"])
+    await bus.publish("tick", "src", {})
+    order.append("publisher")
+    assert order == ["hook", "publisher"]
+
+
+async def test_lossy_hook_drops_oldest_and_counts_drops_without_slowing_the_publisher():
+    bus = EventBus()
+    seen = []
+
+    async def slow(event):
+        await anyio.sleep(0.001)
+        seen.append(event.data["i"])
+
+    sub = bus.subscribe(slow, ["tick"], mode="lossy", capacity=8)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sub.drain)
+        with anyio.fail_after(1):  # the publisher never waits on the lossy hook
+            for i in range(500):
+                await bus.publish("tick", "src", {"i": i})
+        bus.close()
+    assert sub.dropped > 0
+    assert len(seen) + sub.dropped == 500
+    assert seen == sorted(seen) and seen[-1] == 499  # the newest events survive
+    assert bus.statistics()[sub.name]["dropped"] == sub.dropped
+
+
+async def test_wildcard_and_wants():
+    bus = EventBus()
+    assert not bus.wants("x")
+    got = []
+    bus.subscribe(lambda e: got.append(e.kind), None)
+    assert bus.wants("x")
+    await bus.publish("x", "s", {})
+    await bus.publish("y", "s", {})
+    assert got == ["x", "y"]

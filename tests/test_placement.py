@@ -1,0 +1,127 @@
+"""Worker-process placement: chunks and versioned weights cross through shared memory; failures surface."""
+
+import os
+import signal
+import time
+
+import anyio
+import psutil
+import pytest
+import torch
+
+import streamrl
+from streamrl import EnvStage, GymEnv, MLP, Pipeline, PolicyStage, QValueActor, Stage, StageFailed, WorkerDied
+from streamrl.stages.policy import weights_message
+from streamrl.testing import CountFrames
+
+
+class Publisher(Stage):
+    """Publishes new weights (all parameters set to the version number) every few milliseconds."""
+
+    outputs = ("weights",)
+
+    def __init__(self, name, module, versions):
+        super().__init__(name)
+        self.module = module
+        self.versions = versions
+
+    async def run(self, ctx):
+        for version in range(1, self.versions + 1):
+            with torch.no_grad():
+                for p in self.module.parameters():
+                    p.fill_(float(version))
+            await ctx.output("weights").send(weights_message(self.module, version))
+            await anyio.sleep(0.02)
+
+
+class Check(Stage):
+    """Keeps the policy_version of every chunk."""
+
+    inputs = ("chunks",)
+
+    def __init__(self, name):
+        super().__init__(name)
+        self.versions = []
+        self.frames = 0
+
+    async def run(self, ctx):
+        async for chunk in ctx.input("chunks"):
+            self.versions.append(int(chunk["policy_version"][0, 0]))
+            assert (chunk["policy_version"] == chunk["policy_version"][0, 0]).all()
+            self.frames += int(chunk.get("valid", torch.ones(chunk.shape, dtype=torch.bool)).sum())
+
+
+def collector(p: Pipeline, env: GymEnv, policy, *, frames_per_chunk=64, total_frames=None, group="collect"):
+    p.add(EnvStage("env", env, frames_per_chunk=frames_per_chunk, total_frames=total_frames),
+          PolicyStage("policy", policy), group=group)
+    p.connect("env.requests", "policy.requests", capacity=1)
+    p.connect("policy.actions", "env.actions", capacity=1)
+
+
+def children():
+    """Child processes, except multiprocessing's resource tracker (it lives as long as this process)."""
+    return [c for c in psutil.Process().children(recursive=True)
+            if "resource_tracker" not in " ".join(c.cmdline())]
+
+
+def test_worker_group_streams_chunks_and_receives_versioned_weights(tmp_path):
+    actor = QValueActor(MLP(2, in_features=4, num_cells=(8,)))
+    p = Pipeline("w")
+    collector(p, GymEnv("CartPole-v1", num_envs=4), actor, total_frames=40_000)
+    check = Check("check")
+    p.add(check, Publisher("pub", QValueActor(MLP(2, in_features=4, num_cells=(8,))), versions=5))
+    p.connect("env.chunks", "check.chunks", capacity=2)
+    p.connect("pub.weights", "policy.weights", capacity=1, overflow="drop_oldest")
+    p.place("collect", "worker_process")
+    result = streamrl.run(p, tmp_path, handle_signals=False)
+    assert result.exit_reason == "completed"
+    assert check.frames >= 40_000 and result.summary["frames"] == check.frames
+    assert check.versions == sorted(check.versions)  # versions only move forward
+    assert check.versions[-1] == 5  # the last published weights reached the policy
+    assert len(set(check.versions)) >= 2
+    assert "env" in result.summary["stages"]["busy_fraction"]  # the worker reported its stage statistics
+    assert not children()
+
+
+def test_env_that_raises_in_a_worker_ends_the_run_fast_naming_the_env_stage(tmp_path):
+    p = Pipeline("crash")
+    stamp = tmp_path / "failed_at"
+    env = GymEnv("streamrl.testing:streamrl/FailingCartPole-v0", num_envs=2, fail_at=300, stamp=str(stamp))
+    collector(p, env, QValueActor(MLP(2, in_features=4, num_cells=(8,))))
+    p.add(CountFrames("sink"))
+    p.connect("env.chunks", "sink.chunks")
+    p.place("collect", "worker_process")
+    with pytest.raises(StageFailed, match=r"stage 'env' failed: RemoteError: RuntimeError: env exploded") as info:
+        streamrl.run(p, tmp_path, handle_signals=False)
+    ended = time.time()
+    assert info.value.stage == "env"
+    assert "worker traceback" in str(info.value)
+    assert ended - float(stamp.read_text()) < 2  # from the env raising to the run having ended and cleaned up
+    assert not children()
+
+
+def test_a_worker_killed_with_sigkill_ends_the_run_with_worker_died(tmp_path):
+    p = Pipeline("killed")
+    collector(p, GymEnv("CartPole-v1", num_envs=2), QValueActor(MLP(2, in_features=4, num_cells=(8,))))
+
+    class KillWorker(Stage):
+        inputs = ("chunks",)
+
+        async def run(self, ctx):
+            n = 0
+            async for _ in ctx.input("chunks"):
+                n += 1
+                if n == 5:
+                    self.killed_at = time.perf_counter()
+                    for child in children():
+                        if "streamrl-collect" in " ".join(child.cmdline()) or child.name().startswith("python"):
+                            os.kill(child.pid, signal.SIGKILL)
+
+    killer = KillWorker("killer")
+    p.add(killer)
+    p.connect("env.chunks", "killer.chunks")
+    p.place("collect", "worker_process")
+    with pytest.raises(WorkerDied, match=r"worker process of stage group 'collect' died \(exit code -9\)"):
+        streamrl.run(p, tmp_path, handle_signals=False)
+    assert time.perf_counter() - killer.killed_at < 5
+    assert not children()
