@@ -75,6 +75,20 @@ class Hook:
         """Flush and release; called once on every exit path."""
 
 
+class FunctionHook(Hook):
+    """A hook made of one callable, for ``Pipeline.on(kind, fn)``."""
+
+    def __init__(self, handler: Handler, kinds: str | Iterable[str], *, mode: Mode = "lockstep",
+                 name: str | None = None) -> None:
+        super().__init__(name or getattr(handler, "__qualname__", "function"))
+        self.handler = handler
+        self.events = (kinds,) if isinstance(kinds, str) else tuple(kinds)  # type: ignore[misc]
+        self.mode = mode  # type: ignore[misc]
+
+    def on_event(self, event: Event) -> Awaitable[None] | None:
+        return self.handler(event)
+
+
 class Subscription:
     """A handler attached to some event kinds; lossy subscriptions own a bounded drop-oldest stream."""
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from streamrl.errors import PipelineError
-from streamrl.events import Hook
+from streamrl.events import FunctionHook, Hook
 from streamrl.stages.base import Stage
 
 Placement = Literal["in_process", "worker_process"]
@@ -118,6 +118,15 @@ class Pipeline:
             if not isinstance(hook, Hook):
                 raise PipelineError(f"add_hook takes Hook objects, got {type(hook).__name__}: {hook!r}")
             self.hooks.append((hook, group))
+        return self
+
+    def on(self, kinds: str | tuple[str, ...], handler: Any, *, mode: Literal["lockstep", "lossy"] = "lockstep",
+           group: str = MAIN, name: str | None = None) -> Pipeline:
+        """Subscribe a plain callable (sync or async) to event kinds, like TorchRL's ``register_op``::
+
+            pipeline.on("optim_step", lambda event: scheduler.step())
+        """
+        self.add_hook(FunctionHook(handler, kinds, mode=mode, name=name), group=group)
         return self
 
     # -- queries -------------------------------------------------------------------------------------------

@@ -59,3 +59,19 @@ async def test_wildcard_and_wants():
     await bus.publish("x", "s", {})
     await bus.publish("y", "s", {})
     assert got == ["x", "y"]
+
+
+def test_pipeline_on_registers_a_plain_function(tmp_path):
+    import streamrl
+    from streamrl import Pipeline, Stage
+
+    class Ticker(Stage):
+        async def run(self, ctx):
+            for i in range(3):
+                await ctx.publish("tick", i=i)
+
+    seen = []
+    p = Pipeline("on").add(Ticker("t"))
+    p.on("tick", lambda e: seen.append(e.data["i"]))
+    streamrl.run(p, tmp_path, handle_signals=False)
+    assert seen == [0, 1, 2]

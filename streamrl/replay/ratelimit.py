@@ -15,8 +15,8 @@ Both waits are awaits (the event loop keeps running) with optional timeouts::
     await limiter.wait_sample(256)       # sampler stage, before each batch
     limiter.sampled(256)
 
-When the writer is done (``close_inserts``), a sampler waiting for rows that will never come gets ``False``
-from ``wait_sample`` and ends, so the learner finishes with the data it has.
+When the writer is done (``close_inserts``), sampling continues until exactly ``samples_per_insert`` rows were
+sampled per row inserted; then ``wait_sample`` returns ``False`` and the sampler ends, which ends the learner.
 """
 
 from __future__ import annotations
@@ -77,6 +77,8 @@ class RateLimiter:
             return False
         if self.samples_per_insert is None:
             return True
+        if self.inserts_closed:  # no more data: sample what the ratio allows, down to exactly the ratio
+            return self.diff - n >= 0
         return self.diff - n >= self.samples_per_insert * self.min_fill - self.tolerance
 
     def inserted(self, n: int) -> None:
