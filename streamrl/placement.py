@@ -46,7 +46,7 @@ from tensordict import TensorDictBase
 from streamrl.errors import BrokenStreamError, EndOfStream, RemoteError, StageFailed, WorkerDied
 from streamrl.events import Event, EventBus
 from streamrl.pipeline import MAIN, Pipeline
-from streamrl.runtime import RunContext, _run_stage, seed_everything
+from streamrl.runtime import RunContext, _run_stage, loop_options, seed_everything
 from streamrl.stages.base import Stage, StageContext
 from streamrl.streams import ReceiveStream, SendStream, open_stream
 from streamrl.wiring import wire
@@ -411,11 +411,17 @@ def worker_main(sock: socket.socket, preload: list[tuple[str, str]], spec_bytes:
     spec: _WorkerSpec = pickle.loads(spec_bytes)
     torch.set_num_threads(spec.threads)
     seed_everything(spec.seed)
-    code = anyio.run(_worker_async, sock, spec, backend="asyncio")
+    code = anyio.run(_worker_async, sock, spec, backend="asyncio", backend_options=loop_options())
     sys.exit(code)
 
 
 async def _worker_async(sock: socket.socket, spec: _WorkerSpec) -> int:
+    trains = any(s.needs_grad for s in spec.pipeline.stages_in(spec.group))
+    with torch.inference_mode(not trains):
+        return await _worker_body(sock, spec)
+
+
+async def _worker_body(sock: socket.socket, spec: _WorkerSpec) -> int:
     reader, writer = await asyncio.open_connection(sock=sock)
     channel = _Channel(reader, writer)
     bus = EventBus()

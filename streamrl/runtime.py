@@ -21,10 +21,13 @@ What happens:
 4. On every exit path, shielded from cancellation: each stage's ``close`` (the replay store flushes), each
    hook's ``close`` (metrics, checkpoint), then ``summary.json`` with the run's figures, per-stream statistics
    and per-stage busy fractions naming the bottleneck.
+
+A process in which no stage trains (``Stage.needs_grad``) runs in ``torch.inference_mode()`` from start to end.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import random
 import signal
 import time
@@ -46,6 +49,11 @@ from streamrl.summary import RunRecorder, write_json
 from streamrl.wiring import Wiring, wire
 
 log = structlog.get_logger("streamrl.runtime")
+
+
+def loop_options() -> dict[str, Any]:
+    """Run on uvloop when it is installed: its event loop does the per-step scheduling in C."""
+    return {"use_uvloop": importlib.util.find_spec("uvloop") is not None}
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -191,9 +199,24 @@ async def run_async(
     preload: list[tuple[str, str]] | None = None,
 ) -> RunResult:
     """Run ``pipeline`` inside the current event loop; see the module docstring."""
+    pipeline.validate()
+    with torch.inference_mode(not any(s.needs_grad for s in pipeline.stages_in(MAIN))):
+        return await _run_validated(pipeline, run_dir, seed=seed, device=device, handle_signals=handle_signals,
+                                    drain_timeout=drain_timeout, preload=preload)
+
+
+async def _run_validated(
+    pipeline: Pipeline,
+    run_dir: str | Path,
+    *,
+    seed: int,
+    device: str | torch.device,
+    handle_signals: bool,
+    drain_timeout: float,
+    preload: list[tuple[str, str]] | None,
+) -> RunResult:
     from streamrl.placement import WorkerGroup  # placement imports the runtime
 
-    pipeline.validate()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(seed)
@@ -340,7 +363,7 @@ def run(
             drain_timeout=drain_timeout, preload=preload,
         )
 
-    result: RunResult = anyio.run(main, backend="asyncio")
+    result: RunResult = anyio.run(main, backend="asyncio", backend_options=loop_options())
     return result
 
 

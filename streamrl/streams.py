@@ -133,9 +133,12 @@ def _wake_all(waiters: deque[asyncio.Future[None]]) -> None:
             fut.set_result(None)
 
 
+_loop = asyncio.get_running_loop
+
+
 async def _wait(waiters: deque[asyncio.Future[None]]) -> float:
     """Park on a new future in ``waiters`` until woken; return the seconds spent waiting."""
-    fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    fut: asyncio.Future[None] = _loop().create_future()
     waiters.append(fut)
     start = time.perf_counter()
     try:
@@ -289,7 +292,17 @@ class ReceiveStream(Generic[T]):
                 raise EndOfStream(st.name)
             if st.send_waiters:  # a rendezvous sender may now hand its item over
                 _wake_one(st.send_waiters)
-            waited = await _wait(st.receive_waiters)
+            # wait for an item (inlined _wait: this is every stage's hot path)
+            fut: asyncio.Future[None] = _loop().create_future()
+            st.receive_waiters.append(fut)
+            start = time.perf_counter()
+            try:
+                await fut
+            except BaseException:
+                if fut in st.receive_waiters:
+                    st.receive_waiters.remove(fut)
+                raise
+            waited = time.perf_counter() - start
             self.waited_s += waited
             st.consumer_wait_s += waited
 

@@ -18,8 +18,8 @@ def collect(env: GymEnv, chunks: int, steps: int = 16, seed: int = 0):
     while len(out) < chunks:
         # alternate pushes: the pole stays up long enough to be truncated at max_episode_steps
         action = np.full(env.num_envs, t % 2, dtype=np.int64)
-        builder.record("action", action)
-        builder.add(env.step(action), version=len(out))
+        builder.version = len(out)
+        builder.add_step(action, env.step(action))
         t += 1
         if builder.ready:
             chunk, eps = builder.emit()

@@ -26,54 +26,78 @@ from streamrl.envs.gym import VectorStep
 
 
 class ChunkBuilder:
-    """Collects ``steps`` steps of ``num_envs`` envs into one chunk at a time."""
+    """Collects ``steps`` steps of ``num_envs`` envs into one chunk at a time.
+
+    Buffers are env-major (``[num_envs, steps, ...]``): a step writes one column of each, and a finished chunk
+    takes the buffers over as they are (no transposition, no copy); fresh buffers are allocated for the next.
+    """
 
     def __init__(self, num_envs: int, steps: int, first_obs: np.ndarray, *, drops_rows: bool) -> None:
+        """``drops_rows``: the env auto-resets on the next step (gymnasium's NEXT_STEP mode)."""
         self.num_envs = num_envs
         self.steps = steps
         self.drops_rows = drops_rows
         n = num_envs
-        self.obs = np.zeros((steps + 1, *first_obs.shape), dtype=first_obs.dtype)
-        self.obs[0] = first_obs
         self.current_obs = first_obs.copy()  # what the policy sees now; callers wrap it once in a tensor
-        self.reward = np.zeros((steps, n), dtype=np.float32)
-        self.terminated = np.zeros((steps, n), dtype=bool)
-        self.truncated = np.zeros((steps, n), dtype=bool)
-        self.version = np.zeros(steps, dtype=np.int64)
-        self.valid = np.ones((steps, n), dtype=bool)
+        self._obs_shape, self._obs_dtype = first_obs.shape[1:], first_obs.dtype
+        self.version = 0  # the policy version that acted; weights change only between chunks
         self.recorded: dict[str, np.ndarray] = {}
+        self._allocate()
+        self.obs[:, 0] = first_obs
         self.t = 0
         self._finals: list[tuple[int, np.ndarray, np.ndarray]] = []
         # episode bookkeeping carried from chunk to chunk
+        self._ended_last = np.zeros(n, dtype=bool)  # done at the previous chunk's last step
         self._cur_traj = np.arange(n, dtype=np.int64)
         self._next_traj = n
         self._carry_new = np.zeros(n, dtype=bool)
         self._steps_carry = np.zeros(n, dtype=np.int64)
         self._return_carry = np.zeros(n, dtype=np.float64)
 
+    def _allocate(self) -> None:
+        n, T = self.num_envs, self.steps
+        self.obs = np.empty((n, T + 1, *self._obs_shape), dtype=self._obs_dtype)
+        self.reward = np.empty((n, T), dtype=np.float32)
+        self.terminated = np.empty((n, T), dtype=bool)
+        self.truncated = np.empty((n, T), dtype=bool)
+        self.recorded = {k: np.empty_like(v) for k, v in self.recorded.items()}
+
     # -- per step ------------------------------------------------------------------------------------------
     def record(self, key: str, value: np.ndarray) -> None:
-        """Record a policy output (e.g. ``action``) for the current step."""
+        """Record a policy output other than ``action`` (e.g. ``sample_log_prob``) for the current step."""
         buf = self.recorded.get(key)
         if buf is None:
-            buf = self.recorded[key] = np.zeros((self.steps, *value.shape), dtype=value.dtype)
-        buf[self.t] = value
+            buf = self.recorded[key] = np.empty((self.num_envs, self.steps, *value.shape[1:]), dtype=value.dtype)
+        buf[:, self.t] = value
 
-    def add(self, step: VectorStep, version: int) -> None:
-        """Record the env's answer to the current step's actions."""
+    def add(self, action: np.ndarray, obs: np.ndarray, reward: np.ndarray, terminated: np.ndarray,
+            truncated: np.ndarray, info: dict[str, Any]) -> None:
+        """Record the step's action and what the vector env's ``step`` returned for it."""
         t = self.t
-        self.obs[t + 1] = step.observation
-        self.current_obs[...] = step.observation
-        self.reward[t] = step.reward
-        self.terminated[t] = step.terminated
-        self.truncated[t] = step.truncated
-        self.version[t] = version
-        if step.valid is not None:
-            self.valid[t] = step.valid
-        if step.next_observation is not step.observation:
-            done = np.flatnonzero(np.logical_or(step.terminated, step.truncated))
-            self._finals.append((t, done, step.next_observation[done]))
+        action_buf = self.recorded.get("action")
+        if action_buf is None:
+            self.record("action", action)
+        else:
+            action_buf[:, t] = action
+        self.obs[:, t + 1] = obs
+        self.current_obs[...] = obs
+        self.reward[:, t] = reward
+        self.terminated[:, t] = terminated
+        self.truncated[:, t] = truncated
+        if not self.drops_rows:
+            final = info.get("_final_obs")
+            if final is not None and final.any():
+                done = np.flatnonzero(final)
+                self._finals.append((t, done, np.stack([info["final_obs"][i] for i in done])))
         self.t = t + 1
+
+    def add_step(self, action: np.ndarray, step: VectorStep) -> None:
+        """Record an action and the :class:`VectorStep` (as :meth:`GymEnv.step` returns it) it led to."""
+        info: dict[str, Any] = {}
+        if step.next_observation is not step.observation:
+            done = np.logical_or(step.terminated, step.truncated)
+            info = {"_final_obs": done, "final_obs": step.next_observation}
+        self.add(action, step.observation, step.reward, step.terminated, step.truncated, info)
 
     @property
     def ready(self) -> bool:
@@ -85,25 +109,31 @@ class ChunkBuilder:
         if not self.ready:
             raise RuntimeError(f"chunk not ready: {self.t} of {self.steps} steps buffered")
         T, n = self.steps, self.num_envs
-
-        def env_major(buf: np.ndarray) -> np.ndarray:
-            return np.ascontiguousarray(buf.swapaxes(0, 1))
-
-        next_obs = self.obs[1:].copy()
-        for t, envs, finals in self._finals:
-            next_obs[t, envs] = finals
-        reward, terminated, truncated = env_major(self.reward), env_major(self.terminated), env_major(self.truncated)
-        valid = env_major(self.valid)
+        obs, reward, terminated, truncated = self.obs, self.reward, self.terminated, self.truncated
+        observation = obs[:, :T]
+        next_observation = obs[:, 1:]
+        if self._finals:  # same-step auto-reset: the terminal observations were returned apart
+            next_observation = next_observation.copy()
+            for t, envs, finals in self._finals:
+                next_observation[envs, t] = finals
+            self._finals.clear()
         done = terminated | truncated
+        if self.drops_rows:  # next-step auto-reset: the step after an episode end only resets that env
+            valid = np.empty_like(done)
+            valid[:, 0] = ~self._ended_last
+            valid[:, 1:] = ~done[:, :-1]
+            self._ended_last = done[:, -1].copy()
+        else:
+            valid = np.ones_like(done)
         traj_id, step_count, episodes = self._episodes(reward, done, valid)
         content: dict[str, Any] = {
-            "observation": torch.from_numpy(env_major(self.obs[:T])),
-            **{k: torch.from_numpy(env_major(v)) for k, v in self.recorded.items()},
+            "observation": torch.from_numpy(observation),
+            **{k: torch.from_numpy(v) for k, v in self.recorded.items()},
             "step_count": torch.from_numpy(step_count),
             "traj_id": torch.from_numpy(traj_id),
-            "policy_version": torch.from_numpy(np.repeat(self.version[None, :], n, 0)),
+            "policy_version": torch.full((n, T), self.version, dtype=torch.int64),
             "next": {
-                "observation": torch.from_numpy(env_major(next_obs)),
+                "observation": torch.from_numpy(next_observation),
                 "reward": torch.from_numpy(reward[..., None]),
                 "done": torch.from_numpy(done[..., None]),
                 "terminated": torch.from_numpy(terminated[..., None]),
@@ -113,12 +143,12 @@ class ChunkBuilder:
         if self.drops_rows:
             content["valid"] = torch.from_numpy(valid)
             episodes["frames"] = int(valid.sum())
-            self.valid[:] = True
         else:
             episodes["frames"] = n * T
-        self.obs[0] = self.obs[T]
+        last_obs = obs[:, T]
+        self._allocate()  # the chunk keeps the filled buffers
+        self.obs[:, 0] = last_obs
         self.t = 0
-        self._finals.clear()
         return TensorDict(content, batch_size=[n, T]), episodes
 
     def _episodes(

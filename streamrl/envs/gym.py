@@ -193,6 +193,11 @@ class GymEnv:
         return self._convert(*self._env.step_wait())
 
     @property
+    def vector_env(self) -> Any:
+        """The gymnasium vector env itself (opened), for stages that record its raw output."""
+        return self.open()._env
+
+    @property
     def is_subprocess(self) -> bool:
         return self.open().resolved_backend == "subprocess"
 

@@ -47,7 +47,8 @@ class RamStorage:
 
     def _allocate(self, rows: TensorDictBase) -> None:
         cap = self.capacity
-        self.data = rows.apply(lambda t: torch.zeros((cap, *t.shape[1:]), dtype=t.dtype), batch_size=[cap])
+        with torch.inference_mode(False):  # normal tensors, even in a collection-only process: they get trained on
+            self.data = rows.apply(lambda t: torch.zeros((cap, *t.shape[1:]), dtype=t.dtype), batch_size=[cap])
 
     def extend(self, rows: TensorDictBase) -> torch.Tensor:
         """Write ``rows`` (batch dim first) at the cursor; return the ring indices they went to."""

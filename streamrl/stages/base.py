@@ -14,6 +14,12 @@ A stage owns its state and talks to the world only through its ports (bounded st
 The runtime closes a stage's outputs when ``run`` returns (downstream then sees the end of the stream) and calls
 ``close`` on every exit path: flush files there. A *source* stage (``source = True``) produces data on its own
 and must return soon after ``ctx.stopping`` becomes true; the rest of the pipeline then drains.
+
+A stage that computes gradients sets ``needs_grad = True`` (the learner does). A process none of whose stages does
+(a collector worker, a collection-only pipeline) runs all of its stages and hooks in ``torch.inference_mode()``:
+every torch op skips autograd bookkeeping, which is a sizeable share of a small policy's forward. Tensors created
+there are inference tensors; replay storages allocate theirs as normal tensors, and anything else that should be
+trained on after the run needs a ``.clone()`` outside inference mode.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ class Stage:
     outputs: ClassVar[tuple[str, ...]] = ()
     optional: ClassVar[frozenset[str]] = frozenset()  # ports that may stay unconnected
     source: ClassVar[bool] = False
+    needs_grad: ClassVar[bool] = False  # True for stages that train; see the module docstring
 
     def __init__(self, name: str) -> None:
         if not name or not isinstance(name, str) or "." in name:

@@ -74,25 +74,31 @@ class EnvStage(Stage):
         send_request = ctx.output("requests").send
         receive_answer = ctx.input("actions").receive
         chunks = ctx.output("chunks")
-        record = self.record
+        extra_keys = [key for key in self.record if key != "action"]
+        add = builder.add
+        vector_env = env.vector_env
         subprocess = env.is_subprocess
         total = self.total_frames
+        steps = self.steps_per_chunk
         while not ctx.stopping and (total is None or self.frames < total):
             request.new_chunk = True
-            while not builder.ready:
+            first = True
+            for _ in range(steps):  # the hot loop: one policy round trip, one env step, numpy row writes
                 await send_request(request)
                 await receive_answer()
-                request.new_chunk = False
-                for key in record:
-                    builder.record(key, td.get(key).numpy())
+                if first:  # weights change only at a chunk's first step
+                    request.new_chunk = first = False
+                    builder.version = request.version
                 action = td.get("action").numpy()
+                for key in extra_keys:
+                    builder.record(key, td.get(key).numpy())
                 if subprocess:
-                    env.step_async(action)
+                    vector_env.step_async(action)
                     await env.wait_ready()
-                    step = env.step_wait()
+                    result = vector_env.step_wait()
                 else:
-                    step = env.step(action)
-                builder.add(step, request.version)
+                    result = vector_env.step(action)
+                add(action, *result)
             chunk, episodes = builder.emit()
             chunk_frames = episodes.pop("frames")
             self.frames += chunk_frames

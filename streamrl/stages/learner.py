@@ -33,6 +33,7 @@ class LearnerStage(Stage):
     inputs = ("batches",)
     outputs = ("weights",)
     optional = frozenset({"weights"})
+    needs_grad = True
 
     def __init__(
         self,

@@ -13,10 +13,15 @@ from step to step, so the hot path allocates nothing but the module's outputs::
 Weights arrive on the optional ``weights`` input as TensorDicts ``{"params": ..., "version": ...}`` published by
 the learner. They are applied only at the first step of a chunk (``StepRequest.new_chunk``), so every transition
 of a chunk was produced by one known ``policy_version``.
+
+The stage acts with its *own copy* of the policy's parameters (gradients off), even in the learner's process: the
+learner's updates reach it only as published, versioned weights. Modules without parameters (exploration
+schedules such as ``EGreedy``) are not copied, so hooks that drive them keep working.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -71,36 +76,45 @@ class PolicyStage(Stage):
         self.version = 0
         self.weight_updates = 0
 
+    def _own_copy(self) -> None:
+        """Copy the modules holding parameters (not the parameter-free ones); switch their gradients off."""
+        shared = {id(m): m for m in self.policy.modules() if not any(True for _ in m.parameters())}
+        memo: dict[int, Any] = dict(shared)
+        self.acting = copy.deepcopy(self.policy, memo)
+        self.acting.requires_grad_(False)
+        self.acting_weights = memo.get(id(self.weights_module), self.acting)
+
     def load_weights(self, message: TensorDictBase) -> None:
-        target = TensorDict.from_module(self.weights_module)
+        target = TensorDict.from_module(self.acting_weights)
         with torch.no_grad():
             target.update_(message["params"])
         self.version = int(message["version"])
         self.weight_updates += 1
 
     async def run(self, ctx: StageContext) -> None:
-        self.policy.to(self.device)
+        self._own_copy()
+        self.acting.to(self.device)
         requests = ctx.input("requests")
         weights = ctx.input("weights") if ctx.has_input("weights") else None
         outs = [ctx.output(port).send for port in self.outputs]
-        policy = self.policy
+        policy = self.acting
         on_cpu = self.device.type == "cpu"
         while True:
             try:
                 request: StepRequest = await requests.receive()
             except EndOfStream:
                 return
-            if request.new_chunk and weights is not None:
-                message = weights.latest_nowait()
-                if message is not None:
-                    self.load_weights(message)
-            with torch.no_grad():
-                if on_cpu:
-                    policy(request.td)
-                else:
-                    out = policy(request.td.to(self.device, non_blocking=True))
-                    request.td.update(out.select(*policy.out_keys).to("cpu"))
-            request.version = self.version
+            if request.new_chunk:
+                if weights is not None:
+                    message = weights.latest_nowait()
+                    if message is not None:
+                        self.load_weights(message)
+                request.version = self.version
+            if on_cpu:
+                policy(request.td)  # no autograd graph: the acting copy's parameters need no gradient
+            else:
+                out = policy(request.td.to(self.device, non_blocking=True))
+                request.td.update(out.select(*policy.out_keys).to("cpu"))
             await outs[request.group](request)
 
     def state_dict(self) -> dict[str, Any]:
