@@ -321,8 +321,10 @@ class WorkerGroup:
 
     async def _on_control(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
-        if kind == "event":
-            await self.run_ctx.bus.forward(message[1])
+        if kind == "event":  # re-stamped on arrival: the worker's clock started later than the run's
+            event = message[1]
+            event.time = self.run_ctx.bus.now()
+            await self.run_ctx.bus.forward(event)
         elif kind == "stats":
             self.stream_statistics = message[1]["streams"]
             self.busy = message[1]["busy"]

@@ -23,11 +23,13 @@ What happens:
    and per-stage busy fractions naming the bottleneck.
 
 A process in which no stage trains (``Stage.needs_grad``) runs in ``torch.inference_mode()`` from start to end.
+Each worker process uses one torch thread; when there are workers, the main process uses the remaining cores.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import random
 import signal
 import time
@@ -234,6 +236,8 @@ async def _run_validated(
         WorkerGroup(pipeline, group, wiring, run, index=i, preload=preload or [])
         for i, group in enumerate(pipeline.worker_groups())
     ]
+    if workers:  # each worker takes a core (one torch thread); the main process keeps the rest
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - sum(w.threads for w in workers)))
     hooks: list[Hook] = pipeline.hooks_in(MAIN)
     received_signals: list[int] = []
     started = time.perf_counter()

@@ -91,4 +91,4 @@ def test_overrides_and_errors(tmp_path):
     missing = streamrl("run", str(tmp_path / "nope.py"))
     assert missing.returncode == 2 and "does not exist" in missing.stderr
     graph = streamrl("graph", DQN)
-    assert graph.returncode == 0 and "env.chunks --[4]--> writer.chunks" in graph.stdout
+    assert graph.returncode == 0 and "env.chunks --[1]--> writer.chunks" in graph.stdout

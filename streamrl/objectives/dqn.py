@@ -62,12 +62,16 @@ class DQNLoss(nn.Module):
         terminated = batch.get(("next", "terminated")).reshape(-1).to(reward.dtype)
         gamma = batch.get(("next", "gamma"), None)
         discount = gamma.reshape(-1) if gamma is not None else self.gamma
-        q_all = self.value_net(obs)
+        if self.double_dqn:  # one forward over [obs; next_obs]: small nets are dominated by per-call costs
+            both = self.value_net(torch.cat([obs, next_obs]))
+            q_all, q_next_online = both[: obs.shape[0]], both[obs.shape[0]:].detach()
+        else:
+            q_all = self.value_net(obs)
         q = q_all.gather(-1, action.reshape(-1, 1)).squeeze(-1)
         with torch.no_grad():
             target_all = self.target_value_net(next_obs)
             if self.double_dqn:
-                best = self.value_net(next_obs).argmax(-1, keepdim=True)
+                best = q_next_online.argmax(-1, keepdim=True)
             else:
                 best = target_all.argmax(-1, keepdim=True)
             next_q = target_all.gather(-1, best).squeeze(-1)

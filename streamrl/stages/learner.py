@@ -45,7 +45,7 @@ class LearnerStage(Stage):
         publish_every: int = 1,
         max_grad_norm: float | None = None,
         device: str | torch.device = "auto",
-        log_every: int = 1,
+        log_every: int = 10,
     ) -> None:
         super().__init__(name)
         if publish_every < 1:
@@ -65,9 +65,10 @@ class LearnerStage(Stage):
         self.loss.to(device)
         weights_out = ctx.output("weights") if ctx.has_output("weights") else None
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        non_blocking = device.type == "cuda"
+        on_cuda = device.type == "cuda"
         async for batch in ctx.input("batches"):
-            batch = batch.to(device, non_blocking=non_blocking)
+            if batch.device != device:
+                batch = batch.to(device, non_blocking=on_cuda)
             acting_version = self.version
             if ctx.wants("batch"):
                 await ctx.publish("batch", batch=batch, step=self.steps)
@@ -78,7 +79,7 @@ class LearnerStage(Stage):
             out["loss"].backward()
             grad_norm = None
             if self.max_grad_norm is not None:
-                grad_norm = nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+                grad_norm = nn.utils.clip_grad_norm_(params, self.max_grad_norm, foreach=True)
             self.optimizer.step()
             self.steps += 1
             if weights_out is not None and self.publish is not None and self.steps % self.publish_every == 0:
