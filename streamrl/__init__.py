@@ -3,48 +3,150 @@
 A training run is a :class:`Pipeline` of async stages (env stepping, policy inference, replay, learning) joined
 by bounded streams; hooks subscribe to the events the stages publish. ``streamrl.run(pipeline, run_dir)`` runs
 one; ``streamrl run pipeline.py`` does the same from the command line.
+
+Names are imported lazily (on first use), so ``import streamrl`` and the command line start fast and worker
+processes can be prepared before torch is imported.
 """
 
-from streamrl.envs.gym import GymEnv
-from streamrl.envs.specs import Bounded, Categorical, Composite, OneHot, Spec, Unbounded, spec_from_space
-from streamrl.errors import (
-    BrokenStreamError,
-    ClosedStreamError,
-    ConfigError,
-    EndOfStream,
-    EnvError,
-    PipelineError,
-    RemoteError,
-    StageFailed,
-    StoreError,
-    StreamError,
-    StreamRLError,
-    WorkerDied,
-    WouldBlock,
-)
-from streamrl.events import Event, EventBus, Hook
-from streamrl.hooks.checkpoint import Checkpoint
-from streamrl.hooks.eval import Evaluate, evaluate
-from streamrl.hooks.logging import EventLog, MetricsCSV
-from streamrl.hooks.progress import ProgressBar
-from streamrl.hooks.schedules import EpsilonAnnealing, TargetNetworkUpdate
-from streamrl.modules.actors import QValueActor
-from streamrl.modules.exploration import EGreedy
-from streamrl.modules.nets import MLP
-from streamrl.objectives.dqn import DQNLoss
-from streamrl.objectives.updaters import HardUpdate, SoftUpdate
-from streamrl.pipeline import Pipeline
-from streamrl.replay.buffer import ReplayBuffer
-from streamrl.replay.ratelimit import RateLimiter
-from streamrl.replay.samplers import UniformSampler
-from streamrl.replay.storage import RamStorage, ZarrStorage
-from streamrl.runtime import RunContext, RunResult, run
-from streamrl.stages.base import Stage, StageContext
-from streamrl.stages.env import EnvStage
-from streamrl.stages.learner import LearnerStage
-from streamrl.stages.policy import PolicyStage
-from streamrl.stages.replay import SamplerStage, WriterStage
-from streamrl.streams import ReceiveStream, SendStream, StreamStatistics, open_stream
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS: dict[str, str] = {
+    "Bounded": "streamrl.envs.specs",
+    "BrokenStreamError": "streamrl.errors",
+    "Categorical": "streamrl.envs.specs",
+    "Checkpoint": "streamrl.hooks.checkpoint",
+    "ClosedStreamError": "streamrl.errors",
+    "Composite": "streamrl.envs.specs",
+    "ConfigError": "streamrl.errors",
+    "DQNLoss": "streamrl.objectives.dqn",
+    "EGreedy": "streamrl.modules.exploration",
+    "EndOfStream": "streamrl.errors",
+    "EnvError": "streamrl.errors",
+    "EnvStage": "streamrl.stages.env",
+    "EpsilonAnnealing": "streamrl.hooks.schedules",
+    "Evaluate": "streamrl.hooks.eval",
+    "Event": "streamrl.events",
+    "EventBus": "streamrl.events",
+    "EventLog": "streamrl.hooks.logging",
+    "GymEnv": "streamrl.envs.gym",
+    "HardUpdate": "streamrl.objectives.updaters",
+    "Hook": "streamrl.events",
+    "LearnerStage": "streamrl.stages.learner",
+    "MLP": "streamrl.modules.nets",
+    "MetricsCSV": "streamrl.hooks.logging",
+    "OneHot": "streamrl.envs.specs",
+    "Pipeline": "streamrl.pipeline",
+    "PipelineError": "streamrl.errors",
+    "PolicyStage": "streamrl.stages.policy",
+    "ProgressBar": "streamrl.hooks.progress",
+    "QValueActor": "streamrl.modules.actors",
+    "RamStorage": "streamrl.replay.storage",
+    "RateLimiter": "streamrl.replay.ratelimit",
+    "ReceiveStream": "streamrl.streams",
+    "RemoteError": "streamrl.errors",
+    "ReplayBuffer": "streamrl.replay.buffer",
+    "RunContext": "streamrl.runtime",
+    "RunResult": "streamrl.runtime",
+    "SamplerStage": "streamrl.stages.replay",
+    "SendStream": "streamrl.streams",
+    "SoftUpdate": "streamrl.objectives.updaters",
+    "Spec": "streamrl.envs.specs",
+    "Stage": "streamrl.stages.base",
+    "StageContext": "streamrl.stages.base",
+    "StageFailed": "streamrl.errors",
+    "StoreError": "streamrl.errors",
+    "StreamError": "streamrl.errors",
+    "StreamRLError": "streamrl.errors",
+    "StreamStatistics": "streamrl.streams",
+    "TargetNetworkUpdate": "streamrl.hooks.schedules",
+    "Unbounded": "streamrl.envs.specs",
+    "UniformSampler": "streamrl.replay.samplers",
+    "WorkerDied": "streamrl.errors",
+    "WouldBlock": "streamrl.errors",
+    "WriterStage": "streamrl.stages.replay",
+    "ZarrStorage": "streamrl.replay.storage",
+    "evaluate": "streamrl.hooks.eval",
+    "open_stream": "streamrl.streams",
+    "run": "streamrl.runtime",
+    "spec_from_space": "streamrl.envs.specs",
+}
+
+if TYPE_CHECKING:
+    from streamrl.envs.gym import GymEnv
+    from streamrl.envs.specs import Bounded
+    from streamrl.envs.specs import Categorical
+    from streamrl.envs.specs import Composite
+    from streamrl.envs.specs import OneHot
+    from streamrl.envs.specs import Spec
+    from streamrl.envs.specs import Unbounded
+    from streamrl.envs.specs import spec_from_space
+    from streamrl.errors import BrokenStreamError
+    from streamrl.errors import ClosedStreamError
+    from streamrl.errors import ConfigError
+    from streamrl.errors import EndOfStream
+    from streamrl.errors import EnvError
+    from streamrl.errors import PipelineError
+    from streamrl.errors import RemoteError
+    from streamrl.errors import StageFailed
+    from streamrl.errors import StoreError
+    from streamrl.errors import StreamError
+    from streamrl.errors import StreamRLError
+    from streamrl.errors import WorkerDied
+    from streamrl.errors import WouldBlock
+    from streamrl.events import Event
+    from streamrl.events import EventBus
+    from streamrl.events import Hook
+    from streamrl.hooks.checkpoint import Checkpoint
+    from streamrl.hooks.eval import Evaluate
+    from streamrl.hooks.eval import evaluate
+    from streamrl.hooks.logging import EventLog
+    from streamrl.hooks.logging import MetricsCSV
+    from streamrl.hooks.progress import ProgressBar
+    from streamrl.hooks.schedules import EpsilonAnnealing
+    from streamrl.hooks.schedules import TargetNetworkUpdate
+    from streamrl.modules.actors import QValueActor
+    from streamrl.modules.exploration import EGreedy
+    from streamrl.modules.nets import MLP
+    from streamrl.objectives.dqn import DQNLoss
+    from streamrl.objectives.updaters import HardUpdate
+    from streamrl.objectives.updaters import SoftUpdate
+    from streamrl.pipeline import Pipeline
+    from streamrl.replay.buffer import ReplayBuffer
+    from streamrl.replay.ratelimit import RateLimiter
+    from streamrl.replay.samplers import UniformSampler
+    from streamrl.replay.storage import RamStorage
+    from streamrl.replay.storage import ZarrStorage
+    from streamrl.runtime import RunContext
+    from streamrl.runtime import RunResult
+    from streamrl.runtime import run
+    from streamrl.stages.base import Stage
+    from streamrl.stages.base import StageContext
+    from streamrl.stages.env import EnvStage
+    from streamrl.stages.learner import LearnerStage
+    from streamrl.stages.policy import PolicyStage
+    from streamrl.stages.replay import SamplerStage
+    from streamrl.stages.replay import WriterStage
+    from streamrl.streams import ReceiveStream
+    from streamrl.streams import SendStream
+    from streamrl.streams import StreamStatistics
+    from streamrl.streams import open_stream
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'streamrl' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "Bounded",

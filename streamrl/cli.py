@@ -25,6 +25,7 @@ from typing import Any
 
 from streamrl.config import apply_overrides, check_required, field_docs
 from streamrl.errors import ConfigError, PipelineError, StreamRLError
+from streamrl.forkserver import warm_up
 from streamrl.loader import load_module, module_name_for
 
 
@@ -65,6 +66,7 @@ def _run_dir(out: str | None, path: Path, seed: int) -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    warm_up()  # worker processes import torch & co. now, while this process does the same
     import streamrl.runtime as runtime
 
     build, config_cls, module_name, path = _load(args.target)

@@ -4,7 +4,6 @@ import os
 import signal
 import time
 
-import anyio
 import psutil
 import pytest
 import torch
@@ -16,8 +15,9 @@ from streamrl.testing import CountFrames
 
 
 class Publisher(Stage):
-    """Publishes new weights (all parameters set to the version number) every few milliseconds."""
+    """Publishes new weights (all parameters set to the version number) after every 10 chunks seen."""
 
+    inputs = ("seen",)
     outputs = ("weights",)
 
     def __init__(self, name, module, versions):
@@ -26,18 +26,21 @@ class Publisher(Stage):
         self.versions = versions
 
     async def run(self, ctx):
-        for version in range(1, self.versions + 1):
-            with torch.no_grad():
-                for p in self.module.parameters():
-                    p.fill_(float(version))
-            await ctx.output("weights").send(weights_message(self.module, version))
-            await anyio.sleep(0.02)
+        version = 0
+        async for count in ctx.input("seen"):
+            if count % 10 == 0 and version < self.versions:
+                version += 1
+                with torch.no_grad():
+                    for p in self.module.parameters():
+                        p.fill_(float(version))
+                await ctx.output("weights").send(weights_message(self.module, version))
 
 
 class Check(Stage):
-    """Keeps the policy_version of every chunk."""
+    """Keeps the policy_version of every chunk and tells the publisher how many it saw."""
 
     inputs = ("chunks",)
+    outputs = ("seen",)
 
     def __init__(self, name):
         super().__init__(name)
@@ -49,6 +52,7 @@ class Check(Stage):
             self.versions.append(int(chunk["policy_version"][0, 0]))
             assert (chunk["policy_version"] == chunk["policy_version"][0, 0]).all()
             self.frames += int(chunk.get("valid", torch.ones(chunk.shape, dtype=torch.bool)).sum())
+            await ctx.output("seen").send(len(self.versions))
 
 
 def collector(p: Pipeline, env: GymEnv, policy, *, frames_per_chunk=64, total_frames=None, group="collect"):
@@ -59,9 +63,12 @@ def collector(p: Pipeline, env: GymEnv, policy, *, frames_per_chunk=64, total_fr
 
 
 def children():
-    """Child processes, except multiprocessing's resource tracker (it lives as long as this process)."""
-    return [c for c in psutil.Process().children(recursive=True)
-            if "resource_tracker" not in " ".join(c.cmdline())]
+    """Descendant processes, except multiprocessing's resource tracker and fork server (they live as long as this
+    process, serve every run and are not part of one); the workers forked by the server count."""
+    from multiprocessing import forkserver, resource_tracker
+
+    helpers = {forkserver._forkserver._forkserver_pid, resource_tracker._resource_tracker._pid}
+    return [c for c in psutil.Process().children(recursive=True) if c.pid not in helpers]
 
 
 def test_worker_group_streams_chunks_and_receives_versioned_weights(tmp_path):
@@ -72,13 +79,14 @@ def test_worker_group_streams_chunks_and_receives_versioned_weights(tmp_path):
     p.add(check, Publisher("pub", QValueActor(MLP(2, in_features=4, num_cells=(8,))), versions=5))
     p.connect("env.chunks", "check.chunks", capacity=2)
     p.connect("pub.weights", "policy.weights", capacity=1, overflow="drop_oldest")
+    p.connect("check.seen", "pub.seen", capacity=64)
     p.place("collect", "worker_process")
     result = streamrl.run(p, tmp_path, handle_signals=False)
     assert result.exit_reason == "completed"
     assert check.frames >= 40_000 and result.summary["frames"] == check.frames
     assert check.versions == sorted(check.versions)  # versions only move forward
-    assert check.versions[-1] == 5  # the last published weights reached the policy
-    assert len(set(check.versions)) >= 2
+    assert check.versions[0] == 0 and check.versions[-1] == 5  # every publish reached the policy, in order
+    assert set(check.versions) == {0, 1, 2, 3, 4, 5}
     assert "env" in result.summary["stages"]["busy_fraction"]  # the worker reported its stage statistics
     assert not children()
 
@@ -104,6 +112,9 @@ def test_a_worker_killed_with_sigkill_ends_the_run_with_worker_died(tmp_path):
     p = Pipeline("killed")
     collector(p, GymEnv("CartPole-v1", num_envs=2), QValueActor(MLP(2, in_features=4, num_cells=(8,))))
 
+    pids = []
+    p.on("worker_started", lambda event: pids.append(event.data["pid"]))
+
     class KillWorker(Stage):
         inputs = ("chunks",)
 
@@ -113,9 +124,7 @@ def test_a_worker_killed_with_sigkill_ends_the_run_with_worker_died(tmp_path):
                 n += 1
                 if n == 5:
                     self.killed_at = time.perf_counter()
-                    for child in children():
-                        if "streamrl-collect" in " ".join(child.cmdline()) or child.name().startswith("python"):
-                            os.kill(child.pid, signal.SIGKILL)
+                    os.kill(pids[0], signal.SIGKILL)
 
     killer = KillWorker("killer")
     p.add(killer)
