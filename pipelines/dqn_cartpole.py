@@ -33,10 +33,11 @@ class Config:
     """Seed of torch, numpy, the envs and the evaluation envs."""
     device: str = "auto"
     """Learner device: cpu, cuda, or auto (CUDA when available)."""
-    num_envs: int = 8
-    """CartPole copies stepped together (gymnasium's native vector env)."""
-    frames_per_chunk: int = 256
-    """Frames per chunk sent from the env stage to the replay writer."""
+    num_envs: int = 1
+    """CartPole copies stepped together (gymnasium's native vector env). One is enough: collection runs in its
+    own process, hidden behind the learner, which is the bottleneck."""
+    frames_per_chunk: int = 64
+    """Frames per chunk sent from the env stage to the replay writer; the policy takes new weights between chunks."""
     placement: str = "worker_process"
     """Where the env + policy group runs: worker_process (own core) or in_process."""
     buffer_size: int = 100_000
@@ -55,8 +56,8 @@ class Config:
     """Hidden layer sizes of the Q-network."""
     max_grad_norm: float = 10.0
     """Gradient-norm clipping threshold."""
-    target_update_every: int = 16
-    """Hard target-network update period, in learner updates (below ~12 the Q-values diverge)."""
+    target_update_every: int = 24
+    """Hard target-network update period, in learner updates (at 12 or less the Q-values can diverge)."""
     eps_init: float = 1.0
     """Initial exploration epsilon."""
     eps_end: float = 0.04

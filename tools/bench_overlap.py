@@ -5,7 +5,8 @@
 Three runs of `pipelines/dqn_cartpole.py` (its default config, no evaluation, no early stop), each timed from
 `streamrl.run` to its return (worker start-up included):
 
-* **collect-only** — the env + policy group (in its worker process) and the replay writer: ``frames`` frames;
+* **collect-only** — the env + policy group (in its worker process) and the replay writer: ``frames`` frames
+  (the fork server that starts workers is warmed up before any timing);
 * **learn-only** — the sampler and the learner on a replay pre-filled with ``frames`` transitions: the same
   number of updates the rate limiter grants the pipeline (``frames * updates_per_frame``);
 * **pipeline** — everything, concurrently.
@@ -62,6 +63,8 @@ def main() -> None:
     overrides = [f"total_frames={args.frames}", f"seed={args.seed}", "eval_every=1_000_000_000", *args.set]
     cfg = apply_overrides(module.Config(), overrides)
     torch.set_num_threads(1)
+    warm_start = apply_overrides(cfg, ["total_frames=1000"])  # start the fork server before timing anything
+    timed(without(module.build(warm_start), "sampler", "learner"), args.seed)
 
     collect = without(module.build(cfg), "sampler", "learner")
     collect.stages["writer"].buffer.limiter = RateLimiter()  # nothing samples: inserts are not paced
