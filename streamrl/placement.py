@@ -370,8 +370,8 @@ class WorkerGroup:
                         raise WorkerDied(self.group, self.process.exitcode)
                 for inb in bridge.inbound.values():  # deliver what already arrived
                     await inb.done.wait()
-                bridge.close_outbound()
-                tg.cancel_scope.cancel()
+                tg.cancel_scope.cancel()  # stop shipping to a worker that is gone...
+            bridge.close_outbound()  # ...and let its upstream stages see that nobody listens any more
         finally:
             with anyio.CancelScope(shield=True):
                 await self._reap(parent_sock)
