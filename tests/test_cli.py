@@ -45,7 +45,9 @@ def test_tiny_dqn_run_through_the_cli(tmp_path):
     assert len(store) == summary["frames"]
 
 
-def test_sigint_exits_130_and_leaves_summary_metrics_and_a_store_that_reopens(tmp_path):
+@pytest.mark.parametrize(("signum", "code", "reason"), [(signal.SIGINT, 130, "interrupted"),
+                                                        (signal.SIGTERM, 143, "terminated")])
+def test_a_signal_stops_the_run_and_leaves_summary_metrics_and_a_store_that_reopens(tmp_path, signum, code, reason):
     out = tmp_path / "run"
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamrl.cli", "run", DQN, "--out", str(out), "--set", "total_frames=10_000_000",
@@ -62,14 +64,14 @@ def test_sigint_exits_130_and_leaves_summary_metrics_and_a_store_that_reopens(tm
             time.sleep(0.2)
         else:
             pytest.fail("the run produced no metrics rows within 120 s")
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         _, stderr = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130, stderr
+    assert proc.returncode == code, stderr
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["exit_reason"] == "interrupted" and summary["frames"] > 0
+    assert summary["exit_reason"] == reason and summary["frames"] > 0
     rows = metrics.read_text().splitlines()
     assert rows[0].startswith("frames,") and len(rows) >= 3
     store = ZarrStorage.open(out / "replay.zarr")

@@ -51,18 +51,33 @@ def test_items_flow_and_the_run_completes(tmp_path):
 
 
 def test_a_failing_stage_cancels_the_rest_and_the_error_names_it(tmp_path):
+    class Boom(Stage):
+        async def run(self, ctx):
+            await anyio.sleep(0.05)
+            raise ValueError("bad item")
+
     p = Pipeline("boom")
     forever = Forever("src")
-    p.add(forever, Fail("judge", ValueError("bad item"), after=3)).connect("src.items", "judge.items")
+    sink = Collect("sink", keep=False)
+    p.add(forever, sink, Boom("judge")).connect("src.items", "sink.items")
     start = time.perf_counter()
     with pytest.raises(StageFailed, match=r"stage 'judge' failed: ValueError: bad item") as info:
         streamrl.run(p, tmp_path, handle_signals=False)
     assert time.perf_counter() - start < 2
     assert info.value.stage == "judge"
     assert isinstance(info.value.__cause__, ValueError)
-    assert forever.cancelled and forever.closed  # cancelled, then closed on the failure path
+    assert forever.cancelled and forever.closed  # an unrelated stage was cancelled, then closed
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["exit_reason"] == "failed" and "bad item" in summary["error"]
+
+
+def test_a_consumer_that_fails_stops_its_producer(tmp_path):
+    p = Pipeline("boom")
+    forever = Forever("src")
+    p.add(forever, Fail("judge", ValueError("bad item"), after=3)).connect("src.items", "judge.items")
+    with pytest.raises(StageFailed, match=r"stage 'judge' failed"):
+        streamrl.run(p, tmp_path, handle_signals=False)
+    assert forever.closed  # cancelled, or ended when its consumer went away: either way it was closed
 
 
 def test_a_failing_lockstep_hook_fails_the_run_naming_the_hook(tmp_path):

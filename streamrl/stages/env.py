@@ -28,7 +28,7 @@ from tensordict import TensorDict
 
 from streamrl.envs.chunks import ChunkBuilder
 from streamrl.envs.gym import GymEnv
-from streamrl.errors import ConfigError
+from streamrl.errors import ConfigError, WouldBlock
 from streamrl.stages.base import Stage, StageContext
 from streamrl.stages.policy import StepRequest
 
@@ -71,7 +71,7 @@ class EnvStage(Stage):
         builder = ChunkBuilder(env.num_envs, self.steps_per_chunk, first, drops_rows=env.autoreset == "next_step")
         td = TensorDict({"observation": torch.from_numpy(builder.current_obs)}, batch_size=[env.num_envs])
         request = StepRequest(td, self.group)
-        send_request = ctx.output("requests").send
+        requests = ctx.output("requests")
         receive_answer = ctx.input("actions").receive
         chunks = ctx.output("chunks")
         extra_keys = [key for key in self.record if key != "action"]
@@ -84,7 +84,10 @@ class EnvStage(Stage):
             request.new_chunk = True
             first = True
             for _ in range(steps):  # the hot loop: one policy round trip, one env step, numpy row writes
-                await send_request(request)
+                try:
+                    requests.send_nowait(request)  # the policy took the last request: there is room
+                except WouldBlock:
+                    await requests.send(request)
                 await receive_answer()
                 if first:  # weights change only at a chunk's first step
                     request.new_chunk = first = False

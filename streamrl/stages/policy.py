@@ -28,7 +28,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 
-from streamrl.errors import EndOfStream
+from streamrl.errors import EndOfStream, WouldBlock
 from streamrl.stages.base import Stage, StageContext
 
 
@@ -96,7 +96,7 @@ class PolicyStage(Stage):
         self.acting.to(self.device)
         requests = ctx.input("requests")
         weights = ctx.input("weights") if ctx.has_input("weights") else None
-        outs = [ctx.output(port).send for port in self.outputs]
+        outs = [ctx.output(port) for port in self.outputs]
         policy = self.acting
         on_cpu = self.device.type == "cpu"
         while True:
@@ -115,7 +115,11 @@ class PolicyStage(Stage):
             else:
                 out = policy(request.td.to(self.device, non_blocking=True))
                 request.td.update(out.select(*policy.out_keys).to("cpu"))
-            await outs[request.group](request)
+            answer = outs[request.group]
+            try:
+                answer.send_nowait(request)  # the env stage waits for exactly this answer: there is room
+            except WouldBlock:
+                await answer.send(request)
 
     def state_dict(self) -> dict[str, Any]:
         return {"version": self.version}
