@@ -49,7 +49,7 @@ from streamrl.errors import BrokenStreamError, EndOfStream, RemoteError, StageFa
 from streamrl.events import Event, EventBus
 from streamrl.forkserver import worker_context
 from streamrl.pipeline import MAIN, Pipeline
-from streamrl.runtime import RunContext, _run_stage, loop_options, seed_everything
+from streamrl.runtime import RunContext, _run_stage, calm_gc, loop_options, seed_everything
 from streamrl.stages.base import Stage, StageContext
 from streamrl.streams import ReceiveStream, SendStream, open_stream
 from streamrl.wiring import wire
@@ -424,7 +424,7 @@ def worker_main(sock: socket.socket, preload: list[tuple[str, str]], spec_bytes:
 
 async def _worker_async(sock: socket.socket, spec: _WorkerSpec) -> int:
     trains = any(s.needs_grad for s in spec.pipeline.stages_in(spec.group))
-    with torch.inference_mode(not trains):
+    with torch.inference_mode(not trains), calm_gc():
         return await _worker_body(sock, spec)
 
 

@@ -168,6 +168,16 @@ class SendStream(Generic[T]):
     def send_nowait(self, item: T) -> None:
         """Put ``item`` without waiting; raise :class:`WouldBlock` when the buffer is full."""
         st = self._state
+        buffer = st.buffer
+        n = len(buffer)
+        if n < st.capacity and st.open_receivers and not self._closed:  # fast path: room in the buffer
+            buffer.append(item)
+            st.items_sent += 1
+            if n >= st.max_depth:
+                st.max_depth = n + 1
+            if st.receive_waiters:
+                _wake_one(st.receive_waiters)
+            return
         if self._closed:
             raise ClosedStreamError(f"send half of stream {st.name!r} was closed; it cannot send any more")
         if st.open_receivers == 0:
@@ -187,15 +197,6 @@ class SendStream(Generic[T]):
     async def send(self, item: T) -> None:
         """Put ``item``, waiting while the buffer is full (the consumer is slower than the producer)."""
         st = self._state
-        n = len(st.buffer)
-        if n < st.capacity and st.open_receivers and not self._closed:  # fast path: room in the buffer
-            st.buffer.append(item)
-            st.items_sent += 1
-            if n >= st.max_depth:
-                st.max_depth = n + 1
-            if st.receive_waiters:
-                _wake_one(st.receive_waiters)
-            return
         while True:
             try:
                 self.send_nowait(item)
