@@ -19,9 +19,28 @@ import torch
 from tensordict.nn import TensorDictSequential
 
 from streamrl import (
-    Checkpoint, DQNLoss, EGreedy, EnvStage, EpsilonAnnealing, Evaluate, EventLog, GymEnv, HardUpdate, LearnerStage,
-    MetricsCSV, MLP, Pipeline, PolicyStage, ProgressBar, QValueActor, RateLimiter, ReplayBuffer, SamplerStage,
-    TargetNetworkUpdate, WriterStage, ZarrStorage,
+    MLP,
+    Checkpoint,
+    DQNLoss,
+    EGreedy,
+    EnvStage,
+    EpsilonAnnealing,
+    Evaluate,
+    EventLog,
+    GymEnv,
+    HardUpdate,
+    LearnerStage,
+    MetricsCSV,
+    Pipeline,
+    PolicyStage,
+    ProgressBar,
+    QValueActor,
+    RateLimiter,
+    ReplayBuffer,
+    SamplerStage,
+    TargetNetworkUpdate,
+    WriterStage,
+    ZarrStorage,
 )
 
 

@@ -76,63 +76,45 @@ _EXPORTS: dict[str, str] = {
 
 if TYPE_CHECKING:
     from streamrl.envs.gym import GymEnv
-    from streamrl.envs.specs import Bounded
-    from streamrl.envs.specs import Categorical
-    from streamrl.envs.specs import Composite
-    from streamrl.envs.specs import OneHot
-    from streamrl.envs.specs import Spec
-    from streamrl.envs.specs import Unbounded
-    from streamrl.envs.specs import spec_from_space
-    from streamrl.errors import BrokenStreamError
-    from streamrl.errors import ClosedStreamError
-    from streamrl.errors import ConfigError
-    from streamrl.errors import EndOfStream
-    from streamrl.errors import EnvError
-    from streamrl.errors import PipelineError
-    from streamrl.errors import RemoteError
-    from streamrl.errors import StageFailed
-    from streamrl.errors import StoreError
-    from streamrl.errors import StreamError
-    from streamrl.errors import StreamRLError
-    from streamrl.errors import WorkerDied
-    from streamrl.errors import WouldBlock
-    from streamrl.events import Event
-    from streamrl.events import EventBus
-    from streamrl.events import Hook
+    from streamrl.envs.specs import Bounded, Categorical, Composite, OneHot, Spec, Unbounded, spec_from_space
+    from streamrl.errors import (
+        BrokenStreamError,
+        ClosedStreamError,
+        ConfigError,
+        EndOfStream,
+        EnvError,
+        PipelineError,
+        RemoteError,
+        StageFailed,
+        StoreError,
+        StreamError,
+        StreamRLError,
+        WorkerDied,
+        WouldBlock,
+    )
+    from streamrl.events import Event, EventBus, Hook
     from streamrl.hooks.checkpoint import Checkpoint
-    from streamrl.hooks.eval import Evaluate
-    from streamrl.hooks.eval import evaluate
-    from streamrl.hooks.logging import EventLog
-    from streamrl.hooks.logging import MetricsCSV
+    from streamrl.hooks.eval import Evaluate, evaluate
+    from streamrl.hooks.logging import EventLog, MetricsCSV
     from streamrl.hooks.progress import ProgressBar
-    from streamrl.hooks.schedules import EpsilonAnnealing
-    from streamrl.hooks.schedules import TargetNetworkUpdate
+    from streamrl.hooks.schedules import EpsilonAnnealing, TargetNetworkUpdate
     from streamrl.modules.actors import QValueActor
     from streamrl.modules.exploration import EGreedy
     from streamrl.modules.nets import MLP
     from streamrl.objectives.dqn import DQNLoss
-    from streamrl.objectives.updaters import HardUpdate
-    from streamrl.objectives.updaters import SoftUpdate
+    from streamrl.objectives.updaters import HardUpdate, SoftUpdate
     from streamrl.pipeline import Pipeline
     from streamrl.replay.buffer import ReplayBuffer
     from streamrl.replay.ratelimit import RateLimiter
     from streamrl.replay.samplers import UniformSampler
-    from streamrl.replay.storage import RamStorage
-    from streamrl.replay.storage import ZarrStorage
-    from streamrl.runtime import RunContext
-    from streamrl.runtime import RunResult
-    from streamrl.runtime import run
-    from streamrl.stages.base import Stage
-    from streamrl.stages.base import StageContext
+    from streamrl.replay.storage import RamStorage, ZarrStorage
+    from streamrl.runtime import RunContext, RunResult, run
+    from streamrl.stages.base import Stage, StageContext
     from streamrl.stages.env import EnvStage
     from streamrl.stages.learner import LearnerStage
     from streamrl.stages.policy import PolicyStage
-    from streamrl.stages.replay import SamplerStage
-    from streamrl.stages.replay import WriterStage
-    from streamrl.streams import ReceiveStream
-    from streamrl.streams import SendStream
-    from streamrl.streams import StreamStatistics
-    from streamrl.streams import open_stream
+    from streamrl.stages.replay import SamplerStage, WriterStage
+    from streamrl.streams import ReceiveStream, SendStream, StreamStatistics, open_stream
 
 
 def __getattr__(name: str) -> Any:

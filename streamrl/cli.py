@@ -26,7 +26,7 @@ from typing import Any
 from streamrl.config import apply_overrides, check_required, field_docs
 from streamrl.errors import ConfigError, PipelineError, StreamRLError
 from streamrl.forkserver import warm_up
-from streamrl.loader import load_module, module_name_for
+from streamrl.loader import load_module
 
 
 def _load(target: str) -> tuple[Any, type, str, Path]:
@@ -36,7 +36,8 @@ def _load(target: str) -> tuple[Any, type, str, Path]:
     module = load_module(path)
     build = getattr(module, func_name, None)
     if build is None or not callable(build):
-        raise ConfigError(f"{path_text} has no function {func_name!r}; define `def {func_name}(cfg: Config) -> Pipeline`"
+        raise ConfigError(f"{path_text} has no function {func_name!r}; define "
+                          f"`def {func_name}(cfg: Config) -> Pipeline`"
                           f" or name the function with {path_text}:<function>")
     params = list(inspect.signature(build).parameters)
     hints = typing.get_type_hints(build)

@@ -59,11 +59,11 @@ def _parse(raw: str, tp: Any, name: str) -> Any:
                 return choice
         raise ConfigError(f"--set {name}={raw!r}: expected one of {list(choices)}")
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in get_args(tp) if a is not type(None)]
-        if raw.lower() in ("none", "null") and len(args) < len(get_args(tp)):
+        options = [a for a in get_args(tp) if a is not type(None)]
+        if raw.lower() in ("none", "null") and len(options) < len(get_args(tp)):
             return None
         errors = []
-        for arg in args:
+        for arg in options:
             try:
                 return _parse(raw, arg, name)
             except ConfigError as exc:
@@ -73,7 +73,7 @@ def _parse(raw: str, tp: Any, name: str) -> Any:
         args = get_args(tp)
         inner = args[0] if args else str
         values = [_parse(part.strip(), inner, name) for part in raw.split(",") if part.strip()]
-        return tuple(values) if origin is tuple else values
+        return tuple(values) if origin is tuple else list(values)
     if tp is bool:
         low = raw.lower()
         if low in ("1", "true", "yes", "on"):
@@ -117,7 +117,7 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
         if key not in names:
             raise ConfigError(f"--set {key}: {type(cfg).__name__} has no field {key!r}; its fields: {', '.join(names)}")
         changes[key] = _parse(raw.strip(), hints[key], key)
-    return dataclasses.replace(cfg, **changes)
+    return dataclasses.replace(cfg, **changes)  # type: ignore[type-var]  # checked by is_dataclass above
 
 
 def check_required(cfg: Any) -> None:

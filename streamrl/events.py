@@ -154,7 +154,6 @@ class EventBus:
         self.subscriptions: list[Subscription] = []
         self._by_kind: dict[str, list[Subscription]] = {}
         self._wildcard: list[Subscription] = []
-        self.published = 0
 
     def subscribe(
         self,
@@ -169,7 +168,7 @@ class EventBus:
         if isinstance(kinds, str):
             kinds = (kinds,)
         kind_set = None if kinds is None or "*" in kinds else frozenset(kinds)
-        sub = Subscription(name or getattr(handler, "__qualname__", "handler"), handler, kind_set, mode, capacity)
+        sub = Subscription(name or str(getattr(handler, "__qualname__", "handler")), handler, kind_set, mode, capacity)
         self.subscriptions.append(sub)
         if kind_set is None:
             self._wildcard.append(sub)
@@ -194,7 +193,6 @@ class EventBus:
         subs = self._by_kind.get(kind, self._wildcard)
         if not subs:
             return
-        self.published += 1
         event = Event(kind, source, time.perf_counter() - self.start, data)
         for sub in subs:
             await sub.deliver(event)

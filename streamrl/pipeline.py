@@ -21,7 +21,6 @@ event loop) or ``"worker_process"`` (a child process exchanging chunks and weigh
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -130,9 +129,6 @@ class Pipeline:
         return self
 
     # -- queries -------------------------------------------------------------------------------------------
-    def placement_of(self, stage: str) -> Placement:
-        return self.groups[self.stage_group[stage]]
-
     def process_of(self, stage: str) -> str:
         """The process a stage runs in: ``"main"`` or the name of its worker group."""
         group = self.stage_group[stage]
@@ -162,8 +158,7 @@ class Pipeline:
     def validate(self) -> None:
         """Check the graph before anything runs; raise :class:`PipelineError` saying what to fix."""
         if self._duplicates:
-            name = self._duplicates[0]
-            raise PipelineError(f"two stages are named {name!r}; give each stage a unique name")
+            raise PipelineError(f"two stages are named {self._duplicates[0]!r}; give each stage a unique name")
         if not self.stages:
             raise PipelineError(f"pipeline {self.name!r} has no stages; add some with Pipeline.add(...)")
         used_outputs: dict[tuple[str, str], Edge] = {}
@@ -183,10 +178,10 @@ class Pipeline:
                 raise PipelineError(
                     f"edge {e.name} crosses processes with capacity 0; give it capacity >= 1 so both sides can run"
                 )
-        for (stage, port), edges in inputs.items():
+        for (dst, port), edges in inputs.items():
             if len({(e.capacity, e.overflow) for e in edges}) > 1:
                 raise PipelineError(
-                    f"input {stage}.{port} is fed by {len(edges)} edges with different capacity/overflow; "
+                    f"input {dst}.{port} is fed by {len(edges)} edges with different capacity/overflow; "
                     "fan-in edges share one stream, give them the same settings"
                 )
         for name, stage in self.stages.items():
@@ -204,7 +199,9 @@ class Pipeline:
                     )
         for hook, group in self.hooks:
             if group not in self.groups:
-                raise PipelineError(f"hook {hook.name!r} is placed in unknown group {group!r}; known: {list(self.groups)}")
+                raise PipelineError(
+                    f"hook {hook.name!r} is placed in unknown group {group!r}; known: {list(self.groups)}"
+                )
         self._check_unbuffered_cycles()
 
     def _check_port(self, stage: str, port: str, kind: str, edge: Edge) -> None:
@@ -247,6 +244,3 @@ class Pipeline:
 
     def stages_in(self, process: str) -> list[Stage]:
         return [s for n, s in self.stages.items() if self.process_of(n) == process]
-
-    def edges_touching(self, process: str) -> Iterable[Edge]:
-        return (e for e in self.edges if process in (self.process_of(e.src_stage), self.process_of(e.dst_stage)))

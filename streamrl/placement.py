@@ -27,7 +27,6 @@ over a message channel — is where a Ray actor placement would plug in.
 from __future__ import annotations
 
 import asyncio
-import multiprocessing as mp
 import pickle
 import signal
 import socket
@@ -35,10 +34,11 @@ import sys
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import anyio
 import structlog

@@ -38,7 +38,7 @@ import signal
 import time
 import traceback
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +139,6 @@ class RunResult:
     exit_reason: str  # "completed", "stopped", "interrupted", "terminated"
     run_dir: Path
     signal: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
@@ -271,7 +270,8 @@ async def _run_validated(
             await hook.start(run)
             started_hooks.append(hook)
             bus.add_hook(hook)
-        await bus.publish("run_start", pipeline.name, {"run_dir": str(run_dir), "seed": seed, "device": str(run.device)})
+        await bus.publish("run_start", pipeline.name,
+                          {"run_dir": str(run_dir), "seed": seed, "device": str(run.device)})
         async with anyio.create_task_group() as outer:
             for sub in bus.lossy():
                 outer.start_soon(sub.drain)

@@ -67,9 +67,20 @@ class StreamStatistics:
 
 class _State:
     __slots__ = (
-        "name", "capacity", "overflow", "buffer", "send_waiters", "receive_waiters", "open_senders",
-        "open_receivers", "items_sent", "items_received", "max_depth", "dropped", "producer_wait_s",
+        "buffer",
+        "capacity",
         "consumer_wait_s",
+        "dropped",
+        "items_received",
+        "items_sent",
+        "max_depth",
+        "name",
+        "open_receivers",
+        "open_senders",
+        "overflow",
+        "producer_wait_s",
+        "receive_waiters",
+        "send_waiters",
     )
 
     def __init__(self, name: str, capacity: int, overflow: Overflow) -> None:
@@ -153,7 +164,7 @@ async def _wait(waiters: deque[asyncio.Future[None]]) -> float:
 class SendStream(Generic[T]):
     """The sending half of a stream. Close it (or use ``with``) to end the stream for the receivers."""
 
-    __slots__ = ("_state", "_closed", "waited_s")
+    __slots__ = ("_closed", "_state", "waited_s")
 
     def __init__(self, state: _State) -> None:
         self._state = state
@@ -254,7 +265,7 @@ class SendStream(Generic[T]):
 class ReceiveStream(Generic[T]):
     """The receiving half of a stream; iterate it with ``async for`` until the senders close."""
 
-    __slots__ = ("_state", "_closed", "waited_s")
+    __slots__ = ("_closed", "_state", "waited_s")
 
     def __init__(self, state: _State) -> None:
         self._state = state

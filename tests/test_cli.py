@@ -1,7 +1,6 @@
 """The command line, end to end: a tiny DQN run, Ctrl-C, config overrides and errors."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -40,7 +40,7 @@ def test_terminal_observation_is_in_next_and_reset_observation_starts_the_next_r
     assert (trunc & ~term).any()  # kept apart: time-limit ends that are not failures exist
     for e in range(data.shape[0]):
         rows = torch.nonzero(valid[e]).squeeze(-1).tolist()
-        for a, b in zip(rows, rows[1:]):
+        for a, b in zip(rows, rows[1:], strict=False):
             if term[e, a] or trunc[e, a]:
                 # the next real row starts from a reset observation, not from the terminal one
                 assert obs[e, b].abs().max() <= 0.05

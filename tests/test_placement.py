@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import streamrl
-from streamrl import EnvStage, GymEnv, MLP, Pipeline, PolicyStage, QValueActor, Stage, StageFailed, WorkerDied
+from streamrl import MLP, EnvStage, GymEnv, Pipeline, PolicyStage, QValueActor, Stage, StageFailed, WorkerDied
 from streamrl.stages.policy import weights_message
 from streamrl.testing import CountFrames
 

@@ -10,7 +10,16 @@ import zarr
 from tensordict import TensorDict
 
 import streamrl
-from streamrl import ConfigError, Pipeline, RamStorage, RateLimiter, ReplayBuffer, SamplerStage, WriterStage, ZarrStorage
+from streamrl import (
+    ConfigError,
+    Pipeline,
+    RamStorage,
+    RateLimiter,
+    ReplayBuffer,
+    SamplerStage,
+    WriterStage,
+    ZarrStorage,
+)
 from streamrl.testing import Collect, ListSource, random_chunks
 
 
@@ -125,7 +134,8 @@ def test_writer_and_sampler_stages_pace_each_other(tmp_path):
                       limiter=RateLimiter(samples_per_insert=4.0, min_fill=40, tolerance=64, batch_size=8))
     chunks = random_chunks(30, num_envs=2, steps=10)
     learner = Collect("learner", keep=False)
-    p = Pipeline("replay").add(ListSource("src", chunks), WriterStage("writer", rb), SamplerStage("sampler", rb), learner)
+    p = Pipeline("replay")
+    p.add(ListSource("src", chunks), WriterStage("writer", rb), SamplerStage("sampler", rb), learner)
     p.connect("src.items", "writer.chunks").connect("sampler.batches", "learner.items", capacity=2)
     result = streamrl.run(p, tmp_path, handle_signals=False)
     inserted = 30 * 20

@@ -58,7 +58,7 @@ async def test_slow_consumer_keeps_memory_flat_and_the_producer_waits():
                 await send.send(np.ones(100_000, dtype=np.uint8))
 
     async def consumer():
-        async for item in receive:
+        async for _item in receive:
             await asyncio.sleep(0.001)
             peaks.append(tracemalloc.get_traced_memory()[0])
 

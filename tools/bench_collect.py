@@ -107,8 +107,8 @@ def main() -> None:
             bare.append(plain_loop(num_envs, frames, store=False))
             ours.append(streamrl_pipeline(num_envs, frames))
         p, b, s = statistics.median(plain), statistics.median(bare), statistics.median(ours)
-        ratio = statistics.median(x / y for x, y in zip(ours, plain))
-        bare_ratio = statistics.median(x / y for x, y in zip(ours, bare))
+        ratio = statistics.median(x / y for x, y in zip(ours, plain, strict=True))
+        bare_ratio = statistics.median(x / y for x, y in zip(ours, bare, strict=True))
         print(f"{num_envs:3d} envs: plain {p:10,.0f} frames/s   streamrl {s:10,.0f} frames/s   ratio {ratio:.3f}"
               f"   (bare loop {b:,.0f} frames/s, ratio to it {bare_ratio:.3f})")
         results[f"envs_{num_envs}"] = {"streamrl": round(s, 1), "plain": round(p, 1), "ratio": round(ratio, 3),

@@ -33,9 +33,9 @@ def _torch_dtype(dtype: Any) -> torch.dtype:
 class Spec:
     """Base class: an entry of ``shape`` and ``dtype`` on ``device``."""
 
-    shape: torch.Size
-    dtype: torch.dtype
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    shape: Sequence[int]
+    dtype: Any  # a torch dtype, or anything numpy understands as one ("float32", np.float32)
+    device: Any = field(default_factory=lambda: torch.device("cpu"))
 
     def __post_init__(self) -> None:
         self.shape = torch.Size(self.shape)
@@ -74,8 +74,8 @@ class Unbounded(Spec):
 class Bounded(Spec):
     """Values in ``[low, high]`` (elementwise; scalars broadcast)."""
 
-    low: torch.Tensor = field(default_factory=lambda: torch.tensor(0.0))
-    high: torch.Tensor = field(default_factory=lambda: torch.tensor(1.0))
+    low: Any = 0.0  # a tensor, array or scalar, broadcast to the shape
+    high: Any = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -201,4 +201,6 @@ def spec_from_space(space: Any) -> Spec | Composite:
         return Bounded(shape=space.shape, dtype=torch.int8, low=0, high=1)
     if isinstance(space, spaces.Dict):
         return Composite({k: spec_from_space(s) for k, s in space.spaces.items()})
-    raise TypeError(f"no spec for gymnasium space {space!r}; supported: Box, Discrete, MultiDiscrete, MultiBinary, Dict")
+    raise TypeError(
+        f"no spec for gymnasium space {space!r}; supported: Box, Discrete, MultiDiscrete, MultiBinary, Dict"
+    )

@@ -37,7 +37,6 @@ class Checkpoint(Hook):
         self.every_frames = every_frames
         self.filename = filename
         self.next_at = every_frames or 0
-        self.saves = 0
         self.run: RunContext | None = None
 
     async def start(self, run: RunContext) -> None:
@@ -61,7 +60,6 @@ class Checkpoint(Hook):
         tmp = path.with_name(path.name + ".tmp")
         torch.save(self.payload(run), tmp)
         os.replace(tmp, path)
-        self.saves += 1
         await run.bus.publish("checkpoint", self.name, {"path": str(path), "frames": run.recorder.frames
                                                         if run.recorder else None})
         return path

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import torch
 from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 from torch import nn
@@ -28,8 +27,8 @@ class QValueActor(TensorDictModuleBase):
         self.value_net = value_net
         self.one_hot = one_hot
         self.chosen_value = chosen_value
-        self.in_keys = [in_key]
-        self.out_keys = ["action", "action_value"] + (["chosen_action_value"] if chosen_value else [])
+        self.in_keys = [in_key]  # type: ignore[assignment]
+        self.out_keys = ["action", "action_value"] + (["chosen_action_value"] if chosen_value else [])  # type: ignore[assignment]
 
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         values = self.value_net(tensordict.get(self.in_keys[0]))

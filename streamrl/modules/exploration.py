@@ -41,8 +41,8 @@ class EGreedy(TensorDictModuleBase):
         self.eps_init = eps_init
         self.eps_end = eps_end
         self.annealing_frames = annealing_frames
-        self.in_keys = [action_key]
-        self.out_keys = [action_key]
+        self.in_keys = [action_key]  # type: ignore[assignment]
+        self.out_keys = [action_key]  # type: ignore[assignment]
         self.frames = 0
         self.eps = eps_init
 

@@ -58,7 +58,6 @@ class RateLimiter:
         self.inserts = 0
         self.samples = 0
         self.inserts_closed = False
-        self.insert_wait_s = 0.0
         self.sample_wait_s = 0.0
         self._waiters: list[asyncio.Future[None]] = []
 
@@ -112,7 +111,7 @@ class RateLimiter:
                 raise TimeoutError(self._timeout_message(what))
             try:
                 await asyncio.wait_for(fut, remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise TimeoutError(self._timeout_message(what)) from None
         return time.perf_counter() - start
 
@@ -123,9 +122,7 @@ class RateLimiter:
 
     async def wait_insert(self) -> float:
         """Wait until inserting is allowed; return seconds waited."""
-        waited = await self._wait_until(self.can_insert, "insert")
-        self.insert_wait_s += waited
-        return waited
+        return await self._wait_until(self.can_insert, "insert")
 
     async def wait_sample(self, n: int) -> bool:
         """Wait until ``n`` rows may be sampled; False when inserts are closed and they never will be."""

@@ -81,7 +81,9 @@ class RamStorage:
         if self.data is None:
             raise StoreError("the storage is empty: extend it before sampling")
         index = index.to(torch.long)
-        return self.data.apply(lambda t: t.index_select(0, index), batch_size=[index.shape[0]])
+        rows = self.data.apply(lambda t: t.index_select(0, index), batch_size=[index.shape[0]])
+        assert rows is not None
+        return rows
 
     def __len__(self) -> int:
         return self.size
@@ -223,14 +225,15 @@ class ZarrStorage:
         if not path.exists():
             raise StoreError(f"no replay store at {str(path)!r}")
         group = zarr.open_group(str(path), mode="r+")
-        attrs = dict(group.attrs)
+        attrs: dict[str, Any] = dict(group.attrs)
         if attrs.get("format") != FORMAT:
             raise StoreError(f"{str(path)!r} is not a streamrl replay store (format={attrs.get('format')!r})")
         store = cls(attrs["capacity"], path=path, block_rows=attrs["block_rows"])
         store.group = group
         committed = attrs["committed"]
         size, cursor = committed["size"], committed["cursor"]
-        arrays = {name: group[name].with_config({"write_empty_chunks": True}) for name in attrs["keys"]}
+        arrays: dict[str, Any] = {name: group[name].with_config({"write_empty_chunks": True})  # type: ignore[union-attr]
+                                  for name in attrs["keys"]}
         store.arrays = arrays
         if size:
             data = {}

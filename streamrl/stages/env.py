@@ -67,8 +67,9 @@ class EnvStage(Stage):
     async def run(self, ctx: StageContext) -> None:
         env = self.env.open()
         seed = env.seed if env.seed is not None else ctx.run.seed + 7919 * self.group
-        first = env.reset(seed=seed)
-        builder = ChunkBuilder(env.num_envs, self.steps_per_chunk, first, drops_rows=env.autoreset == "next_step")
+        observation = env.reset(seed=seed)
+        builder = ChunkBuilder(env.num_envs, self.steps_per_chunk, observation,
+                               drops_rows=env.autoreset == "next_step")
         td = TensorDict({"observation": torch.from_numpy(builder.current_obs)}, batch_size=[env.num_envs])
         request = StepRequest(td, self.group)
         requests = ctx.output("requests")

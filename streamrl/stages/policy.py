@@ -35,7 +35,7 @@ from streamrl.stages.base import Stage, StageContext
 class StepRequest:
     """A reusable request: an env group's current observations, and the policy's answer written back in."""
 
-    __slots__ = ("td", "group", "new_chunk", "version")
+    __slots__ = ("group", "new_chunk", "td", "version")
 
     def __init__(self, td: TensorDictBase, group: int = 0) -> None:
         self.td = td
@@ -74,7 +74,6 @@ class PolicyStage(Stage):
         self.outputs = ("actions",) if groups == 1 else ("actions", "actions1")  # type: ignore[misc]
         self.device = torch.device(device)
         self.version = 0
-        self.weight_updates = 0
 
     def _own_copy(self) -> None:
         """Copy the modules holding parameters (not the parameter-free ones); switch their gradients off."""
@@ -89,7 +88,6 @@ class PolicyStage(Stage):
         with torch.no_grad():
             target.update_(message["params"])
         self.version = int(message["version"])
-        self.weight_updates += 1
 
     async def run(self, ctx: StageContext) -> None:
         self._own_copy()

@@ -42,13 +42,12 @@ class WriterStage(Stage):
         buffer.attach(ctx.run.run_dir)
         limiter = buffer.limiter
         storage = buffer.storage
-        durable = isinstance(storage, ZarrStorage)
         try:
             async for chunk in ctx.input("chunks"):
                 ctx.extra_wait_s += await limiter.wait_insert()
                 n = len(buffer.extend(chunk))
                 self.rows += n
-                if durable and storage.pending_rows >= storage.block_rows:
+                if isinstance(storage, ZarrStorage) and storage.pending_rows >= storage.block_rows:
                     await anyio.to_thread.run_sync(storage.flush)
                 limiter.inserted(n)
                 if ctx.wants("stored"):
@@ -75,7 +74,6 @@ class SamplerStage(Stage):
         self.buffer = buffer
         self.batch_size = batch_size or buffer.batch_size
         self.pin_memory = pin_memory
-        self.batches = 0
 
     async def run(self, ctx: StageContext) -> None:
         out = ctx.output("batches")
@@ -93,5 +91,4 @@ class SamplerStage(Stage):
             if pin:
                 batch = batch.pin_memory()
             await out.send(batch)
-            self.batches += 1
             await anyio.lowlevel.checkpoint()  # let other stages run between batches
