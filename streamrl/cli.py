@@ -5,6 +5,7 @@ A pipeline file defines a config dataclass and ``build(cfg) -> Pipeline``::
     streamrl run pipelines/dqn_cartpole.py --seed 1 --set total_frames=50_000
     streamrl run pipelines/dqn_cartpole.py --help-config      # the fields, their defaults and docstrings
     streamrl graph pipelines/dqn_cartpole.py                  # the stages, streams and hooks
+    streamrl plot runs/dqn_cartpole                           # learning curves -> runs/dqn_cartpole/curves.png
 
 Exit codes: 0 when the run completed (or stopped because it solved its task), 130 after Ctrl-C (SIGINT), 143
 after SIGTERM, 1 when a stage failed, 2 for a usage error.
@@ -117,6 +118,13 @@ def cmd_graph(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from streamrl.plots import plot_run
+
+    print(plot_run(args.run_dir, args.out))
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamrl", description="Reinforcement learning as a streaming dataflow.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -133,6 +141,10 @@ def make_parser() -> argparse.ArgumentParser:
     graph.add_argument("target")
     graph.add_argument("--set", action="append", metavar="KEY=VALUE")
     graph.set_defaults(func=cmd_graph)
+    plot = sub.add_parser("plot", help="draw a run's learning curves (metrics.csv) into a PNG")
+    plot.add_argument("run_dir")
+    plot.add_argument("--out", help="PNG path (default <run_dir>/curves.png)")
+    plot.set_defaults(func=cmd_plot)
     return parser
 
 

@@ -42,6 +42,8 @@ def test_tiny_dqn_run_through_the_cli(tmp_path):
     assert config["config"]["seed"] == 3 and config["config"]["hidden"] == [32, 32]
     store = ZarrStorage.open(out / "replay.zarr")
     assert len(store) == summary["frames"]
+    plot = streamrl("plot", str(out))
+    assert plot.returncode == 0 and (out / "curves.png").stat().st_size > 10_000
 
 
 @pytest.mark.parametrize(("signum", "code", "reason"), [(signal.SIGINT, 130, "interrupted"),
