@@ -70,8 +70,9 @@ class WorkerDied(StreamRLError):
         self.group = group
         self.exitcode = exitcode
         super().__init__(
-            f"worker process of stage group {group!r} died (exit code {exitcode}); "
-            "look for an out-of-memory kill or a crash in the env or policy it runs"
+            f"worker process of stage group {group!r} died (exit code {exitcode}); its stderr holds any traceback. "
+            "Look for an out-of-memory kill or a crash in the env or policy it runs; a script that runs a pipeline "
+            "with worker processes needs an `if __name__ == '__main__':` guard (workers import the main module)"
         )
 
 
