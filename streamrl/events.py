@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -51,7 +52,7 @@ class Event:
     data: dict[str, Any] = field(default_factory=dict)
 
 
-class Hook:
+class Hook(ABC):
     """Base class of hooks: a named subscriber with optional start/close.
 
     Subclasses set ``events`` and ``mode`` and implement ``on_event``. ``start`` runs before the first stage
@@ -68,8 +69,9 @@ class Hook:
     async def start(self, run: RunContext) -> None:
         """Open files, build eval envs: anything that needs the run directory."""
 
+    @abstractmethod
     def on_event(self, event: Event) -> Awaitable[None] | None:
-        raise NotImplementedError(f"{type(self).__name__} must implement on_event(event)")
+        """Handle one event (sync or async)."""
 
     async def close(self, run: RunContext) -> None:
         """Flush and release; called once on every exit path."""

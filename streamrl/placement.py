@@ -248,6 +248,9 @@ class _Elsewhere(Stage):
         self.outputs = outputs  # type: ignore[misc]
         self.optional = optional  # type: ignore[misc]
 
+    async def run(self, ctx: StageContext) -> None:
+        raise RuntimeError(f"stage {self.name!r} runs in another process; this placeholder only wires its edges")
+
 
 @dataclass
 class _WorkerSpec:

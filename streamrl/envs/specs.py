@@ -12,6 +12,7 @@ A spec describes *one* env's entry (no batch dimension); ``rand(batch)`` and ``z
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +31,7 @@ def _torch_dtype(dtype: Any) -> torch.dtype:
 
 
 @dataclass
-class Spec:
+class Spec(ABC):
     """Base class: an entry of ``shape`` and ``dtype`` on ``device``."""
 
     shape: Sequence[int]
@@ -45,8 +46,9 @@ class Spec:
     def zero(self, batch: Batch = ()) -> torch.Tensor:
         return torch.zeros((*batch, *self.shape), dtype=self.dtype, device=self.device)
 
+    @abstractmethod
     def rand(self, batch: Batch = ()) -> torch.Tensor:
-        raise NotImplementedError(f"{type(self).__name__} cannot draw random values")
+        """A random value of the spec, with leading ``batch`` dims."""
 
     def is_in(self, value: torch.Tensor) -> bool:
         """True when ``value`` (with any leading batch dims) has this spec's trailing shape and dtype."""

@@ -25,6 +25,7 @@ trained on after the run needs a ``.clone()`` outside inference mode.
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from streamrl.errors import PipelineError
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
     from streamrl.runtime import RunContext
 
 
-class Stage:
+class Stage(ABC):
     """Base class of stages. Subclasses declare ``inputs``/``outputs`` and implement ``run``."""
 
     inputs: ClassVar[tuple[str, ...]] = ()
@@ -48,8 +49,9 @@ class Stage:
             raise PipelineError(f"a stage name must be a non-empty string without '.', got {name!r}")
         self.name = name
 
+    @abstractmethod
     async def run(self, ctx: StageContext) -> None:
-        raise NotImplementedError(f"stage {self.name!r} ({type(self).__name__}) must implement run(ctx)")
+        """The stage's work: receive from inputs, send to outputs, until the inputs end or a stop."""
 
     async def close(self, ctx: StageContext) -> None:
         """Release resources; called once on every exit path, after ``run`` ended or was cancelled."""
