@@ -68,25 +68,38 @@ def _signature(td: TensorDictBase) -> tuple[Any, ...]:
 
 
 class _Channel:
-    """Length-prefixed pickled messages over an asyncio stream pair."""
+    """Messages over an asyncio stream pair: a small pickled header, then an optional shared-memory payload.
+
+    The payload (shared-memory tensors, pickled with torch's reductions) is kept apart from the header because
+    unpickling it fetches file descriptors from the sending process: if that process has already died, the
+    payload fails to load, but the header still says which edge it belonged to and the messages after it
+    (the sender's error report) are still read.
+    """
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
 
-    async def send(self, message: tuple[Any, ...], *, share_tensors: bool = False) -> None:
-        data = bytes(ForkingPickler.dumps(message)) if share_tensors else pickle.dumps(message, protocol=5)
-        self.writer.write(len(data).to_bytes(_HEADER, "big") + data)
+    def write(self, message: tuple[Any, ...], shared: Any = None) -> None:
+        """Queue a message without waiting (the transport buffers it)."""
+        head = pickle.dumps(message, protocol=5)
+        body = bytes(ForkingPickler.dumps(shared)) if shared is not None else b""
+        self.writer.write(len(head).to_bytes(_HEADER, "big") + len(body).to_bytes(_HEADER, "big") + head + body)
+
+    async def send(self, message: tuple[Any, ...], *, shared: Any = None) -> None:
+        self.write(message, shared)
         await self.writer.drain()
 
-    async def receive(self) -> tuple[Any, ...]:
+    async def receive(self) -> tuple[tuple[Any, ...], bytes]:
+        """The next message and its still-pickled shared payload (``b""`` if none)."""
         try:
-            header = await self.reader.readexactly(_HEADER)
-            data = await self.reader.readexactly(int.from_bytes(header, "big"))
+            sizes = await self.reader.readexactly(2 * _HEADER)
+            head = await self.reader.readexactly(int.from_bytes(sizes[:_HEADER], "big"))
+            body = await self.reader.readexactly(int.from_bytes(sizes[_HEADER:], "big"))
         except (asyncio.IncompleteReadError, ConnectionError) as exc:
             raise _PeerGone() from exc
-        message: tuple[Any, ...] = pickle.loads(data)
-        return message
+        message: tuple[Any, ...] = pickle.loads(head)
+        return message, body
 
     def close(self) -> None:
         self.writer.close()
@@ -140,7 +153,7 @@ class _Outbound:
                 self.slots = [item.clone().share_memory_() for _ in range(self.capacity)]
                 self.signature = _signature(item)
                 self.free.extend(range(1, self.capacity))
-                await self.channel.send(("slots", self.edge, self.slots), share_tensors=True)
+                await self.channel.send(("slots", self.edge), shared=self.slots)
                 await self.channel.send(("item", self.edge, 0))
                 return
             if self.free and _signature(item) == self.signature:
@@ -159,10 +172,13 @@ class _Inbound:
         self.local = local
         self.channel = channel
         self.slots: list[TensorDictBase] = []
+        self.broken: str | None = None  # why the slots could not be mapped; items are then dropped
         self.pending_send, self.pending = open_stream(max(1, capacity), name=f"{edge} (arriving)")
         self.done = anyio.Event()
 
     def on_message(self, kind: str, payload: Any) -> None:
+        if self.done.is_set() or self.pending_send.closed:
+            return  # the edge already ended (its consumer or the other process is gone): drop
         if kind == "slots":
             self.slots = payload
         elif kind == "close":
@@ -174,6 +190,9 @@ class _Inbound:
         consumer_gone = False
         try:
             async for kind, payload in self.pending:
+                if kind == "item" and self.broken is not None:
+                    await self.channel.send(("ack", self.edge, payload))
+                    continue
                 if kind == "item":
                     item = self.slots[payload].clone()
                     await self.channel.send(("ack", self.edge, payload))
@@ -211,11 +230,18 @@ class _Bridge:
     async def read_loop(self) -> None:
         """Dispatch messages until the peer closes the socket (raises _PeerGone)."""
         while True:
-            message = await self.channel.receive()
+            message, shared = await self.channel.receive()
             kind = message[0]
             if kind == "ack":
                 self.outbound[message[1]].ack(message[2])
-            elif kind in ("slots", "item", "obj", "close"):
+            elif kind == "slots":
+                inbound = self.inbound[message[1]]
+                try:
+                    inbound.on_message(kind, pickle.loads(shared))
+                except Exception as exc:  # noqa: BLE001 - the sender died before we mapped its memory
+                    inbound.broken = f"{type(exc).__name__}: {exc}"
+                    log.warning("could not map the shared memory of an edge", edge=message[1], error=inbound.broken)
+            elif kind in ("item", "obj", "close"):
                 self.inbound[message[1]].on_message(kind, message[2] if len(message) > 2 else None)
             else:
                 result = self.on_control(message)
@@ -307,6 +333,7 @@ class WorkerGroup:
         self._error: BaseException | None = None
         self.process: Any = None
         self._channel: _Channel | None = None
+        self.exit_timeout = 30.0  # seconds a cancelled worker gets to close its stages before it is killed
 
     def _spec(self) -> bytes:
         bus = self.run_ctx.bus
@@ -327,10 +354,8 @@ class WorkerGroup:
 
     async def _on_control(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
-        if kind == "event":  # re-stamped on arrival: the worker's clock started later than the run's
-            event = message[1]
-            event.time = self.run_ctx.bus.now()
-            await self.run_ctx.bus.forward(event)
+        if kind == "event":  # handed to a task of its own: a slow hook must not stall acks and control messages
+            await self._events.send(message[1])
         elif kind == "stats":
             self.stream_statistics = message[1]["streams"]
             self.busy = message[1]["busy"]
@@ -340,6 +365,12 @@ class WorkerGroup:
         elif kind == "done":
             self._finished = True
 
+    async def _deliver_events(self, delivered: anyio.Event) -> None:
+        async for event in self._events_out:
+            event.time = self.run_ctx.bus.now()  # re-stamped: the worker's clock started later than the run's
+            await self.run_ctx.bus.forward(event)
+        delivered.set()
+
     async def run(self) -> None:
         spec = self._spec()
         parent_sock, child_sock = socket.socketpair()
@@ -347,9 +378,12 @@ class WorkerGroup:
         self.process = ctx.Process(
             target=worker_main, args=(child_sock, self.preload, spec), name=f"streamrl-{self.group}", daemon=True
         )
+        self._events, self._events_out = open_stream(256, name=f"events from {self.group}")
         try:
-            await anyio.to_thread.run_sync(self.process.start)
-            child_sock.close()
+            try:
+                await anyio.to_thread.run_sync(self.process.start)
+            finally:
+                child_sock.close()
             await self.run_ctx.bus.publish("worker_started", f"group {self.group}",
                                            {"group": self.group, "pid": self.process.pid})
             reader, writer = await asyncio.open_connection(sock=parent_sock)
@@ -361,10 +395,13 @@ class WorkerGroup:
                 for inb in bridge.inbound.values():
                     tg.start_soon(inb.run)
                 tg.start_soon(self._forward_stop, channel)
+                events_delivered = anyio.Event()
+                tg.start_soon(self._deliver_events, events_delivered)
                 try:
                     await bridge.read_loop()
                 except _PeerGone:
                     pass
+                self._events.close()
                 if self._error is not None:
                     raise self._error
                 if not self._finished:
@@ -373,6 +410,7 @@ class WorkerGroup:
                         raise WorkerDied(self.group, self.process.exitcode)
                 for inb in bridge.inbound.values():  # deliver what already arrived
                     await inb.done.wait()
+                await events_delivered.wait()
                 tg.cancel_scope.cancel()  # stop shipping to a worker that is gone...
             bridge.close_outbound()  # ...and let its upstream stages see that nobody listens any more
         finally:
@@ -392,20 +430,17 @@ class WorkerGroup:
         if self._channel is not None:
             try:
                 if proc is not None and proc.is_alive():
-                    data = pickle.dumps(("cancel",), protocol=5)
-                    self._channel.writer.write(len(data).to_bytes(_HEADER, "big") + data)
+                    self._channel.write(("cancel",))
                 self._channel.close()
             except (ConnectionError, OSError, RuntimeError):
                 pass
         sock.close()
         if proc is None or proc.pid is None:
             return
-        await anyio.to_thread.run_sync(proc.join, 3.0)
+        await anyio.to_thread.run_sync(proc.join, self.exit_timeout)  # its stages close (and flush) first
         if proc.is_alive():
-            log.warning("worker did not exit; terminating", group=self.group, pid=proc.pid)
-            proc.terminate()
-            await anyio.to_thread.run_sync(proc.join, 2.0)
-        if proc.is_alive():
+            log.warning("worker did not exit in time; killing it", group=self.group, pid=proc.pid,
+                        timeout_s=self.exit_timeout)
             proc.kill()
             await anyio.to_thread.run_sync(proc.join, 2.0)
 
@@ -413,7 +448,10 @@ class WorkerGroup:
 # -- the worker process ---------------------------------------------------------------------------------------
 def worker_main(sock: socket.socket, preload: list[tuple[str, str]], spec_bytes: bytes) -> None:
     """Entry point of a worker process (spawned): rebuild the group, run it, report how it ended."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; main decides
+    # Ctrl-C (and a SIGTERM sent to the whole process group) reach the worker too; the main process decides how
+    # to stop and tells the worker; a worker whose main process is gone notices the closed socket and exits.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from streamrl.loader import load_module
 
     for module_name, path in preload:

@@ -65,7 +65,7 @@ class Collect(Stage):
 
 
 class CountFrames(Stage):
-    """A sink for chunks: counts frames and chunks, keeps nothing."""
+    """A sink for chunks: counts their rows (env steps x envs, reset-only rows included) and chunks."""
 
     inputs = ("chunks",)
 

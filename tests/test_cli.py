@@ -1,6 +1,7 @@
 """The command line, end to end: a tiny DQN run, Ctrl-C, config overrides and errors."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -54,7 +55,7 @@ def test_a_signal_stops_the_run_and_leaves_summary_metrics_and_a_store_that_reop
         [sys.executable, "-m", "streamrl.cli", "run", DQN, "--out", str(out), "--set", "total_frames=10_000_000",
          "--set", "eval_every=2000", "--set", "eval_episodes=2", "--set", "min_fill=500", "--set", "hidden=32,32",
          "--set", "buffer_size=50_000"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
     try:
         deadline = time.time() + 120
@@ -65,7 +66,7 @@ def test_a_signal_stops_the_run_and_leaves_summary_metrics_and_a_store_that_reop
             time.sleep(0.2)
         else:
             pytest.fail("the run produced no metrics rows within 120 s")
-        proc.send_signal(signum)
+        os.killpg(proc.pid, signum)  # like Ctrl-C in a terminal: the main process and its workers get it
         _, stderr = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:

@@ -4,6 +4,7 @@ import os
 import signal
 import time
 
+import anyio
 import psutil
 import pytest
 import torch
@@ -133,4 +134,24 @@ def test_a_worker_killed_with_sigkill_ends_the_run_with_worker_died(tmp_path):
     with pytest.raises(WorkerDied, match=r"worker process of stage group 'collect' died \(exit code -9\)"):
         streamrl.run(p, tmp_path, handle_signals=False)
     assert time.perf_counter() - killer.killed_at < 5
+    assert not children()
+
+
+def test_a_worker_that_fails_right_after_its_first_chunk_still_reports_its_error(tmp_path):
+    """The first chunk's shared memory is mapped after the worker died: its error must still come through."""
+
+    class Busy(Stage):  # holds the main event loop, as a learner step does
+        async def run(self, ctx):
+            for _ in range(20):
+                time.sleep(0.05)
+                await anyio.sleep(0)
+
+    p = Pipeline("race")
+    env = GymEnv("streamrl.testing:streamrl/FailingCartPole-v0", num_envs=1, backend="sync", fail_at=10)
+    collector(p, env, QValueActor(MLP(2, in_features=4, num_cells=(8,))), frames_per_chunk=8)
+    p.add(CountFrames("sink"), Busy("busy"))
+    p.connect("env.chunks", "sink.chunks")
+    p.place("collect", "worker_process")
+    with pytest.raises(StageFailed, match=r"stage 'env' failed: RemoteError: RuntimeError: env exploded"):
+        streamrl.run(p, tmp_path, handle_signals=False)
     assert not children()
