@@ -119,6 +119,7 @@ class RunContext:
         self.stop_reason: str | None = None
         self.stop_event = anyio.Event()
         self.cancel_now = anyio.Event()
+        self.finalizing = False  # stages ended; closing the store, hooks and summary
 
     def request_stop(self, reason: str) -> None:
         """Ask sources to stop; the pipeline then drains. Safe to call more than once."""
@@ -181,11 +182,16 @@ def _first_failure(exc: BaseException) -> BaseException:
     return exc
 
 
-async def _watch_signals(run: RunContext, received: list[int]) -> None:
+async def _watch_signals(run: RunContext, received: list[int], *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+    """SIGINT/SIGTERM: the first stops the run (drain), the second cancels it. The receiver stays open until the
+    summary is written, so a signal during the flush is noted instead of killing the process mid-write."""
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
         async for signum in signals:
             received.append(signum)
-            if len(received) == 1:
+            if run.finalizing:
+                log.warning("already stopping; flushing the store, metrics and checkpoint first", signal=signum)
+            elif len(received) == 1:
                 name = "interrupted" if signum == signal.SIGINT else "terminated"
                 log.warning("stop requested by signal; draining (send it again to cancel at once)", signal=signum)
                 run.request_stop(name)
@@ -263,6 +269,32 @@ async def _run_validated(
     hooks: list[Hook] = pipeline.hooks_in(MAIN)
     received_signals: list[int] = []
     started = time.perf_counter()
+    async with anyio.create_task_group() as guard:
+        if handle_signals:  # started first and stopped last: signals are handled until the summary is written
+            await guard.start(_watch_signals, run, received_signals)
+        try:
+            error, summary = await _run_and_finalize(pipeline, run, contexts, workers, hooks, wiring,
+                                                     received_signals, started, drain_timeout)
+        finally:
+            guard.cancel_scope.cancel()
+    if error is not None:
+        raise error
+    return RunResult(summary, summary["exit_reason"], run_dir, received_signals[0] if received_signals else None)
+
+
+async def _run_and_finalize(
+    pipeline: Pipeline,
+    run: RunContext,
+    contexts: list[StageContext],
+    workers: list[Any],
+    hooks: list[Hook],
+    wiring: Wiring,
+    received_signals: list[int],
+    started: float,
+    drain_timeout: float,
+) -> tuple[BaseException | None, dict[str, Any]]:
+    """Run the stages, then (shielded) close them and the hooks and write the summary; return the error."""
+    bus = run.bus
     error: BaseException | None = None
     started_hooks: list[Hook] = []
     try:
@@ -271,21 +303,18 @@ async def _run_validated(
             started_hooks.append(hook)
             bus.add_hook(hook)
         await bus.publish("run_start", pipeline.name,
-                          {"run_dir": str(run_dir), "seed": seed, "device": str(run.device)})
+                          {"run_dir": str(run.run_dir), "seed": run.seed, "device": str(run.device)})
         async with anyio.create_task_group() as outer:
             for sub in bus.lossy():
                 outer.start_soon(sub.drain)
             watch_scope = anyio.CancelScope()
             stages_scope = anyio.CancelScope()
 
-            async def watchers() -> None:
+            async def watch_stop() -> None:
                 with watch_scope:
-                    async with anyio.create_task_group() as wtg:
-                        if handle_signals:
-                            wtg.start_soon(_watch_signals, run, received_signals)
-                        wtg.start_soon(_watch_stop, run, stages_scope, drain_timeout)
+                    await _watch_stop(run, stages_scope, drain_timeout)
 
-            outer.start_soon(watchers)
+            outer.start_soon(watch_stop)
             try:
                 with stages_scope:
                     async with anyio.create_task_group() as tg:
@@ -299,6 +328,7 @@ async def _run_validated(
     except BaseException as exc:  # noqa: BLE001 - reported below, re-raised after the finalizers
         error = _first_failure(exc)
     finally:
+        run.finalizing = True
         with anyio.CancelScope(shield=True):
             close_errors = await _finalize(contexts, started_hooks, run)
     wall = time.perf_counter() - started
@@ -312,11 +342,11 @@ async def _run_validated(
         exit_reason = "stopped"
     else:
         exit_reason = "completed"
-    summary = _summary(pipeline, recorder, wall, wiring, contexts, workers, bus, run, exit_reason, error)
-    write_json(run_dir / "summary.json", summary)
-    if error is not None:
-        raise error
-    return RunResult(summary, exit_reason, run_dir, received_signals[0] if received_signals else None)
+    assert run.recorder is not None
+    summary = _summary(pipeline, run.recorder, wall, wiring, contexts, workers, bus, run, exit_reason, error)
+    with anyio.CancelScope(shield=True):
+        write_json(run.run_dir / "summary.json", summary)
+    return error, summary
 
 
 async def _finalize(contexts: list[StageContext], hooks: list[Hook], run: RunContext) -> list[BaseException]:

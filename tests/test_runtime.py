@@ -144,3 +144,24 @@ def test_drain_timeout_cancels_stages_that_do_not_finish(tmp_path):
     result = streamrl.run(p, tmp_path, handle_signals=False, drain_timeout=0.2)
     assert time.perf_counter() - start < 5
     assert result.exit_reason == "stopped"
+
+
+def test_a_signal_during_the_flush_does_not_cut_it_short(tmp_path):
+    """SIGINT (Ctrl-C) while stages close: the close finishes and the summary is written; exit says interrupted."""
+    import os
+    import signal
+
+    class SlowClose(Stage):
+        async def run(self, ctx):
+            return
+
+        async def close(self, ctx):
+            os.kill(os.getpid(), signal.SIGINT)  # arrives while the store would be flushing
+            await anyio.sleep(0.3)
+            self.closed = True
+
+    stage = SlowClose("slow")
+    result = streamrl.run(Pipeline("t").add(stage), tmp_path)
+    assert stage.closed
+    assert json.loads((tmp_path / "summary.json").read_text())["exit_reason"] == "interrupted"
+    assert result.exit_code == 130
