@@ -81,6 +81,7 @@ class _State:
         "producer_wait_s",
         "receive_waiters",
         "send_waiters",
+        "taken_waiters",
     )
 
     def __init__(self, name: str, capacity: int, overflow: Overflow) -> None:
@@ -88,7 +89,8 @@ class _State:
         self.capacity = capacity
         self.overflow = overflow
         self.buffer: deque[Any] = deque()
-        self.send_waiters: deque[asyncio.Future[None]] = deque()
+        self.send_waiters: deque[asyncio.Future[None]] = deque()  # senders waiting for room
+        self.taken_waiters: deque[asyncio.Future[None]] = deque()  # rendezvous senders waiting for a take
         self.receive_waiters: deque[asyncio.Future[None]] = deque()
         self.open_senders = 0
         self.open_receivers = 0
@@ -118,6 +120,8 @@ class _State:
         self.items_received += 1
         if self.send_waiters:
             _wake_one(self.send_waiters)
+        if self.taken_waiters:
+            _wake_all(self.taken_waiters)
         return item
 
     def statistics(self) -> StreamStatistics:
@@ -221,7 +225,7 @@ class SendStream(Generic[T]):
                 while st.items_received < seq:
                     if st.open_receivers == 0:
                         raise BrokenStreamError(f"stream {st.name!r}: the receiver closed before taking the item")
-                    waited = await _wait(st.send_waiters)
+                    waited = await _wait(st.taken_waiters)
                     self.waited_s += waited
                     st.producer_wait_s += waited
             return
@@ -297,6 +301,8 @@ class ReceiveStream(Generic[T]):
                 st.items_received += 1
                 if st.send_waiters:
                     _wake_one(st.send_waiters)
+                if st.taken_waiters:
+                    _wake_all(st.taken_waiters)
                 return item  # type: ignore[no-any-return]
             if self._closed:
                 raise ClosedStreamError(f"receive half of stream {st.name!r} was closed; it cannot receive")
@@ -313,6 +319,8 @@ class ReceiveStream(Generic[T]):
             except BaseException:
                 if fut in st.receive_waiters:
                     st.receive_waiters.remove(fut)
+                elif st.buffer and st.receive_waiters:  # woken, then cancelled: pass the wake-up on
+                    _wake_one(st.receive_waiters)
                 raise
             waited = time.perf_counter() - start
             self.waited_s += waited
@@ -342,6 +350,7 @@ class ReceiveStream(Generic[T]):
         if st.open_receivers == 0:
             st.buffer.clear()
             _wake_all(st.send_waiters)
+            _wake_all(st.taken_waiters)
 
     async def aclose(self) -> None:
         self.close()

@@ -187,3 +187,10 @@ def test_zarr_flushes_run_off_the_event_loop(tmp_path):
     assert len(ticker.gaps) > 10
     # the flushes took most of the run; no single tick waited for one of them
     assert max(ticker.gaps) < max(0.1, elapsed / 4)
+
+
+async def test_a_batch_larger_than_the_band_is_rejected_instead_of_deadlocking():
+    limiter = RateLimiter(samples_per_insert=1.0)  # sized for batches of 1 row
+    limiter.inserted(200)
+    with pytest.raises(ConfigError, match="batches of 128 rows need tolerance >= 64"):
+        await limiter.wait_sample(128)

@@ -170,3 +170,34 @@ def test_invalid_arguments_are_rejected_with_a_message():
         open_stream(0, overflow="drop_oldest")
     with pytest.raises(ValueError, match="overflow must be"):
         open_stream(1, overflow="sometimes")
+
+
+async def test_rendezvous_fan_in_delivers_every_item():
+    """Two senders on a capacity-0 stream, one of them idle after its first item: nothing gets stuck."""
+    send, receive = open_stream(0)
+    first, second = send.clone(), send.clone()
+    send.close()
+    got = []
+
+    async def idle_after_one():
+        await first.send("a")
+        await anyio.sleep(3600)
+
+    async def five():
+        for i in range(5):
+            await second.send(f"b{i}")
+        second.close()
+
+    async def consume():
+        async for item in receive:
+            got.append(item)
+            await anyio.sleep(0)
+
+    with anyio.move_on_after(2):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(idle_after_one)
+            tg.start_soon(five)
+            tg.start_soon(consume)
+            await anyio.sleep(0.5)
+            tg.cancel_scope.cancel()
+    assert sorted(got) == ["a", "b0", "b1", "b2", "b3", "b4"]

@@ -126,6 +126,11 @@ class RateLimiter:
 
     async def wait_sample(self, n: int) -> bool:
         """Wait until ``n`` rows may be sampled; False when inserts are closed and they never will be."""
+        if self.samples_per_insert is not None and self.tolerance < n / 2:
+            raise ConfigError(
+                f"rate limiter: batches of {n} rows need tolerance >= {n / 2} sampled rows, got {self.tolerance}; "
+                f"once inserts block, a batch must still fit in the band. Pass tolerance= (or batch_size={n})"
+            )
         start = time.perf_counter()
         await self._wait_until(lambda: self.can_sample(n), "sample")
         self.sample_wait_s += time.perf_counter() - start
