@@ -174,9 +174,15 @@ class Pipeline:
                 )
             used_outputs[key] = e
             inputs.setdefault((e.dst_stage, e.dst_port), []).append(e)
-            if self.process_of(e.src_stage) != self.process_of(e.dst_stage) and e.capacity < 1:
+            src_process, dst_process = self.process_of(e.src_stage), self.process_of(e.dst_stage)
+            if src_process != dst_process and e.capacity < 1:
                 raise PipelineError(
                     f"edge {e.name} crosses processes with capacity 0; give it capacity >= 1 so both sides can run"
+                )
+            if src_process != dst_process and MAIN not in (src_process, dst_process):
+                raise PipelineError(
+                    f"edge {e.name} joins two worker groups ({src_process!r} and {dst_process!r}); edges between "
+                    "worker processes are not bridged: put one side in the main process or in the same group"
                 )
         for (dst, port), edges in inputs.items():
             if len({(e.capacity, e.overflow) for e in edges}) > 1:

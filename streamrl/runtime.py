@@ -71,14 +71,17 @@ def calm_gc(threshold: int = 50_000) -> Iterator[None]:
     objects are collected every ``threshold`` allocations instead of 700: the per-step objects (futures, small
     tensors) die by reference counting anyway. Both are restored when the run ends.
     """
-    gc.freeze()
+    freeze = gc.get_freeze_count() == 0  # leave a caller's own freeze alone
+    if freeze:
+        gc.freeze()
     previous = gc.get_threshold()
     gc.set_threshold(threshold, previous[1], previous[2])
     try:
         yield
     finally:
         gc.set_threshold(*previous)
-        gc.unfreeze()
+        if freeze:
+            gc.unfreeze()
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -264,6 +267,7 @@ async def _run_validated(
         WorkerGroup(pipeline, group, wiring, run, index=i, preload=preload or [])
         for i, group in enumerate(pipeline.worker_groups())
     ]
+    threads = torch.get_num_threads()
     if workers:  # each worker takes a core (one torch thread); the main process keeps the rest
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - sum(w.threads for w in workers)))
     hooks: list[Hook] = pipeline.hooks_in(MAIN)
@@ -277,6 +281,7 @@ async def _run_validated(
                                                      received_signals, started, drain_timeout)
         finally:
             guard.cancel_scope.cancel()
+            torch.set_num_threads(threads)
     if error is not None:
         raise error
     return RunResult(summary, summary["exit_reason"], run_dir, received_signals[0] if received_signals else None)

@@ -84,3 +84,11 @@ def test_bad_placement_and_stage_names():
         Pipeline().place("g", "cloud")
     with pytest.raises(PipelineError, match="without '.'"):
         Collect("a.b")
+
+
+def test_edges_between_two_worker_groups_are_rejected():
+    p = two_stage().connect("src.items", "sink.items")
+    p.stage_group["src"], p.stage_group["sink"] = "a", "b"
+    p.place("a", "worker_process").place("b", "worker_process")
+    with pytest.raises(PipelineError, match="joins two worker groups .* put one side in the main process"):
+        p.validate()

@@ -89,13 +89,14 @@ class EnvStage(Stage):
                     requests.send_nowait(request)  # the policy took the last request: there is room
                 except WouldBlock:
                     await requests.send(request)
-                await receive_answer()
+                answer = await receive_answer()  # the same request object when the policy is in this process
                 if first:  # weights change only at a chunk's first step
                     request.new_chunk = first = False
-                    builder.version = request.version
-                action = td.get("action").numpy()
+                    builder.version = answer.version
+                out = answer.td
+                action = out.get("action").numpy()
                 for key in extra_keys:
-                    builder.record(key, td.get(key).numpy())
+                    builder.record(key, out.get(key).numpy())
                 if subprocess:
                     vector_env.step_async(action)
                     await env.wait_ready()
@@ -108,7 +109,7 @@ class EnvStage(Stage):
             self.frames += chunk_frames
             self.chunks += 1
             await ctx.publish(
-                "chunk", frames=self.frames, chunk_frames=chunk_frames, policy_version=request.version,
+                "chunk", frames=self.frames, chunk_frames=chunk_frames, policy_version=builder.version,
                 chunk=chunk, **episodes,
             )
             await chunks.send(chunk)
