@@ -364,6 +364,8 @@ class WorkerGroup:
             self._error = StageFailed(stage, RemoteError(type_name, text, tb))
         elif kind == "done":
             self._finished = True
+        elif kind == "stop":  # a hook of the worker's group asked the run to stop
+            self.run_ctx.request_stop(message[1] or f"stopped by group {self.group}")
 
     async def _deliver_events(self, delivered: anyio.Event) -> None:
         async for event in self._events_out:
@@ -446,6 +448,11 @@ class WorkerGroup:
 
 
 # -- the worker process ---------------------------------------------------------------------------------------
+async def _drain_then_set(sub: Any, drained: anyio.Event) -> None:
+    await sub.drain()
+    drained.set()
+
+
 def worker_main(sock: socket.socket, preload: list[tuple[str, str]], spec_bytes: bytes) -> None:
     """Entry point of a worker process (spawned): rebuild the group, run it, report how it ended."""
     # Ctrl-C (and a SIGTERM sent to the whole process group) reach the worker too; the main process decides how
@@ -485,11 +492,24 @@ async def _worker_body(sock: socket.socket, spec: _WorkerSpec) -> int:
     capacities = {e.name: e.capacity for e in pipeline.edges}
     cancel = anyio.Event()
 
+    stop_from_main = False
+
     def on_control(message: tuple[Any, ...]) -> None:
+        nonlocal stop_from_main
         if message[0] == "stop":
+            stop_from_main = True
             run.request_stop(message[1] or "stopped by the main process")
         elif message[0] == "cancel":
             cancel.set()
+
+    async def report_stop() -> None:
+        """A stop requested here (a hook of this group) stops the whole run."""
+        await run.stop_event.wait()
+        if not stop_from_main:
+            try:
+                await channel.send(("stop", run.stop_reason))
+            except (ConnectionError, OSError):
+                pass
 
     async def forward(event: Event) -> None:
         await channel.send(("event", _portable(event)))
@@ -522,8 +542,12 @@ async def _worker_body(sock: socket.socket, spec: _WorkerSpec) -> int:
 
             tg.start_soon(read)
             tg.start_soon(cancel_on_request)
+            tg.start_soon(report_stop)
+            drains = []
             for sub in bus.lossy():
-                tg.start_soon(sub.drain)
+                drained = anyio.Event()
+                drains.append(drained)
+                tg.start_soon(_drain_then_set, sub, drained)
             for out in bridge.outbound.values():
                 tg.start_soon(out.run)
             for inb in bridge.inbound.values():
@@ -532,6 +556,8 @@ async def _worker_body(sock: socket.socket, spec: _WorkerSpec) -> int:
                 for ctx in contexts:
                     stages_tg.start_soon(_run_stage, ctx.stage, ctx)
             bus.close()
+            for drained in drains:  # lossy hooks handle what they buffered
+                await drained.wait()
             for out in bridge.outbound.values():  # ship what is left, then wait until it was taken
                 await out.done.wait()
                 while out.in_flight and not cancel.is_set():

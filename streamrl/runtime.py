@@ -35,6 +35,7 @@ import importlib.util
 import os
 import random
 import signal
+import threading
 import time
 import traceback
 from collections.abc import Iterator
@@ -233,6 +234,7 @@ async def run_async(
 ) -> RunResult:
     """Run ``pipeline`` inside the current event loop; see the module docstring."""
     pipeline.validate()
+    handle_signals = handle_signals and threading.current_thread() is threading.main_thread()
     with torch.inference_mode(not any(s.needs_grad for s in pipeline.stages_in(MAIN))), calm_gc():
         return await _run_validated(pipeline, run_dir, seed=seed, device=device, handle_signals=handle_signals,
                                     drain_timeout=drain_timeout, preload=preload)

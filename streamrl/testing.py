@@ -11,13 +11,17 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import gymnasium as gym
 import numpy as np
 
+from streamrl.events import Event, Hook
 from streamrl.stages.base import Stage, StageContext
+
+if TYPE_CHECKING:
+    from streamrl.runtime import RunContext
 
 
 class ListSource(Stage):
@@ -99,6 +103,24 @@ class Fail(Stage):
             seen += 1
             if seen > self.after:
                 raise self.error
+
+
+class StopAfterFrames(Hook):
+    """Asks the run to stop once the env stage's ``chunk`` events report ``frames`` or more."""
+
+    events = ("chunk",)
+
+    def __init__(self, frames: int) -> None:
+        super().__init__()
+        self.frames = frames
+        self.run: RunContext | None = None
+
+    async def start(self, run: RunContext) -> None:
+        self.run = run
+
+    def on_event(self, event: Event) -> None:
+        if event.data["frames"] >= self.frames and self.run is not None:
+            self.run.request_stop(f"{self.frames} frames seen by {self.name}")
 
 
 class FailingCartPole(gym.Wrapper):  # type: ignore[type-arg]

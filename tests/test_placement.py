@@ -168,3 +168,18 @@ def test_env_and_policy_in_different_processes_still_work(tmp_path):
     p.place("collect", "worker_process")
     result = streamrl.run(p, tmp_path, handle_signals=False)
     assert result.exit_reason == "completed" and result.summary["frames"] >= 512
+
+
+def test_a_hook_in_a_worker_group_can_stop_the_whole_run(tmp_path):
+    from streamrl.testing import StopAfterFrames
+
+    p = Pipeline("stop-from-worker")
+    collector(p, GymEnv("CartPole-v1", num_envs=2), QValueActor(MLP(2, in_features=4, num_cells=(8,))))
+    p.add(CountFrames("sink"))
+    p.connect("env.chunks", "sink.chunks")
+    p.add_hook(StopAfterFrames(1_000), group="collect")
+    p.place("collect", "worker_process")
+    result = streamrl.run(p, tmp_path, handle_signals=False)  # no frame budget: only the hook ends it
+    assert result.exit_reason == "stopped"
+    assert "1000 frames seen by StopAfterFrames" in result.summary["stop_reason"]
+    assert not children()
