@@ -11,7 +11,7 @@ X_LIMIT, THETA_LIMIT = 2.4, 12 * 2 * np.pi / 360
 
 
 def collect(env: GymEnv, chunks: int, steps: int = 16, seed: int = 0):
-    first = env.reset(seed=seed)
+    first = env.reset_arrays(seed=seed)
     builder = ChunkBuilder(env.num_envs, steps, first, drops_rows=env.autoreset == "next_step")
     out, episodes = [], []
     t = 0
@@ -19,7 +19,7 @@ def collect(env: GymEnv, chunks: int, steps: int = 16, seed: int = 0):
         # alternate pushes: the pole stays up long enough to be truncated at max_episode_steps
         action = np.full(env.num_envs, t % 2, dtype=np.int64)
         builder.version = len(out)
-        builder.add_step(action, env.step(action))
+        builder.add_step(action, env.step_arrays(action))
         t += 1
         if builder.ready:
             chunk, eps = builder.emit()
@@ -80,7 +80,8 @@ def test_episode_bookkeeping_matches_the_rows(backend):
 
 def test_specs_come_from_the_gymnasium_spaces():
     env = GymEnv("CartPole-v1", num_envs=2)
-    assert env.observation_spec.shape == (4,) and env.observation_spec.dtype == torch.float32
+    obs = env.observation_spec["observation"]
+    assert obs.shape == (4,) and obs.dtype == torch.float32
     action = env.action_spec
     assert action.n == 2 and action.is_in(action.rand((5,)))
     env.close()
@@ -90,5 +91,5 @@ def test_step_before_reset_says_what_to_do():
     env = GymEnv("CartPole-v1", num_envs=2)
     env.open()
     with pytest.raises(Exception, match="call env.reset"):
-        env.step(np.zeros(2, dtype=np.int64))
+        env.step_arrays(np.zeros(2, dtype=np.int64))
     env.close()

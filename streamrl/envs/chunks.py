@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from tensordict import TensorDict
+from tensordict import TensorDict, TensorDictBase
 
 from streamrl.envs.gym import VectorStep
 
@@ -46,13 +46,8 @@ class ChunkBuilder:
         self.obs[:, 0] = first_obs
         self.t = 0
         self._finals: list[tuple[int, np.ndarray, np.ndarray]] = []
-        # episode bookkeeping carried from chunk to chunk
         self._ended_last = np.zeros(n, dtype=bool)  # done at the previous chunk's last step
-        self._cur_traj = np.arange(n, dtype=np.int64)
-        self._next_traj = n
-        self._carry_new = np.zeros(n, dtype=bool)
-        self._steps_carry = np.zeros(n, dtype=np.int64)
-        self._return_carry = np.zeros(n, dtype=np.float64)
+        self.episodes = EpisodeTracker(n, drops_rows=drops_rows)
 
     def _allocate(self) -> None:
         n, T = self.num_envs, self.steps
@@ -125,7 +120,7 @@ class ChunkBuilder:
             self._ended_last = done[:, -1].copy()
         else:
             valid = np.ones_like(done)
-        traj_id, step_count, episodes = self._episodes(reward, done, valid)
+        traj_id, step_count, episodes = self.episodes.update(reward, done, valid)
         content: dict[str, Any] = {
             "observation": torch.from_numpy(observation),
             **{k: torch.from_numpy(v) for k, v in self.recorded.items()},
@@ -151,7 +146,22 @@ class ChunkBuilder:
         self.t = 0
         return TensorDict(content, batch_size=[n, T]), episodes
 
-    def _episodes(
+
+
+class EpisodeTracker:
+    """Episode bookkeeping carried from chunk to chunk: ``traj_id`` and ``step_count`` per row, and the returns
+    and lengths of the episodes that end in a chunk."""
+
+    def __init__(self, num_envs: int, *, drops_rows: bool) -> None:
+        n = num_envs
+        self.drops_rows = drops_rows
+        self._cur_traj = np.arange(n, dtype=np.int64)
+        self._next_traj = n
+        self._carry_new = np.zeros(n, dtype=bool)
+        self._steps_carry = np.zeros(n, dtype=np.int64)
+        self._return_carry = np.zeros(n, dtype=np.float64)
+
+    def update(
         self, reward: np.ndarray, done: np.ndarray, valid: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         """traj_id and step_count per row, and the returns/lengths of episodes that ended in this chunk.
@@ -185,3 +195,44 @@ class ChunkBuilder:
             "episode_lengths": (step_count[ended] + 1).tolist(),
         }
         return traj_id.astype(np.int64), step_count.astype(np.int64), episodes
+
+
+class TensorDictChunkBuilder:
+    """Chunks from TensorDict steps, for envs with the TensorDict API only (transformed envs, pixel envs).
+
+    ``add(td)`` takes a step as ``env.step`` returns it (root, action, policy outputs, ``next``); ``emit()``
+    stacks ``steps`` of them into a chunk ``[num_envs, steps]`` with the same layout as :class:`ChunkBuilder`'s
+    (``step_count`` and ``traj_id`` added unless a transform wrote them; ``policy_version``). ``drop`` names
+    policy outputs that are not recorded.
+    """
+
+    def __init__(self, num_envs: int, steps: int) -> None:
+        self.num_envs = num_envs
+        self.steps = steps
+        self.version = 0
+        self.drop: set[str] = set()
+        self._rows: list[TensorDictBase] = []
+        self.episodes = EpisodeTracker(num_envs, drops_rows=False)
+
+    def add(self, td: TensorDictBase) -> None:
+        self._rows.append(td.exclude(*self.drop) if self.drop else td)
+
+    @property
+    def ready(self) -> bool:
+        return len(self._rows) == self.steps
+
+    def emit(self) -> tuple[TensorDictBase, dict[str, Any]]:
+        if not self.ready:
+            raise RuntimeError(f"chunk not ready: {len(self._rows)} of {self.steps} steps buffered")
+        chunk: TensorDictBase = torch.stack(self._rows, dim=1).contiguous()  # type: ignore[arg-type, assignment]
+        self._rows = []
+        n, T = self.num_envs, self.steps
+        reward = chunk.get(("next", "reward")).reshape(n, T).cpu().numpy()
+        done = chunk.get(("next", "done")).reshape(n, T).cpu().numpy()
+        traj_id, step_count, episodes = self.episodes.update(reward, done, np.ones_like(done))
+        if "step_count" not in chunk.keys():
+            chunk.set("step_count", torch.from_numpy(step_count))
+        chunk.set("traj_id", torch.from_numpy(traj_id))
+        chunk.set("policy_version", torch.full((n, T), self.version, dtype=torch.int64))
+        episodes["frames"] = n * T
+        return chunk, episodes

@@ -28,14 +28,20 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import gymnasium as gym
 import numpy as np
+import torch
 from gymnasium.vector import AutoresetMode
+from gymnasium.wrappers import AddRenderObservation
+from tensordict import TensorDict, TensorDictBase
 
-from streamrl.envs.specs import Composite, Spec, Unbounded, spec_from_space
+from streamrl.envs.base import EnvBase, as_tensordict
+from streamrl.envs.specs import Composite, OneHot, Spec, spec_from_space
 from streamrl.errors import EnvError
 
 Backend = Literal["auto", "native", "sync", "subprocess"]
@@ -53,15 +59,19 @@ class VectorStep:
     valid: np.ndarray | None  # None: every env made a real transition (same-step auto-reset backends)
 
 
-class GymEnv:
-    """A vectorized gymnasium env with specs; see the module docstring."""
+class GymEnv(EnvBase):
+    """A vectorized gymnasium env with specs and the TensorDict API; see the module docstring."""
 
     def __init__(
         self,
         name: str,
         *,
         num_envs: int = 1,
+        from_pixels: bool = False,
+        pixels_only: bool = True,
+        frame_skip: int = 1,
         backend: Backend = "auto",
+        device: str | torch.device = "cpu",
         seed: int | None = None,
         **make_kwargs: Any,
     ) -> None:
@@ -69,13 +79,21 @@ class GymEnv:
             raise ValueError(f"GymEnv({name!r}): num_envs must be >= 1, got {num_envs}")
         if backend not in ("auto", "native", "sync", "subprocess"):
             raise ValueError(f"GymEnv({name!r}): backend must be auto/native/sync/subprocess, got {backend!r}")
+        if frame_skip < 1:
+            raise ValueError(f"GymEnv({name!r}): frame_skip must be >= 1, got {frame_skip}")
         self.name = name
         self.num_envs = num_envs
+        self.batch_size = torch.Size([num_envs])
+        self.from_pixels = from_pixels
+        self.pixels_only = pixels_only
+        self.frame_skip = frame_skip
         self.backend = backend
+        self.device = torch.device(device)
         self.seed = seed
         self.make_kwargs = make_kwargs
         self._env: Any = None
         self._pending_reset: np.ndarray | None = None
+        self._current: dict[str, np.ndarray] | None = None  # the TensorDict API's latest root observations
         self.autoreset: Literal["next_step", "same_step"] = "same_step"
 
     # -- lifecycle -----------------------------------------------------------------------------------------
@@ -88,30 +106,61 @@ class GymEnv:
             return env_id
         return self.name
 
-    def _resolve_backend(self) -> str:
+    def _resolve_backend(self, same_step: bool) -> str:
         if self.backend != "auto":
             return self.backend
+        if self.from_pixels:  # rendering is the slow part: render in worker processes
+            return "subprocess" if self.num_envs > 1 else "sync"
         spec = gym.spec(self.env_id)
-        return "native" if spec.vector_entry_point is not None else "sync"
+        return "native" if spec.vector_entry_point is not None and not same_step else "sync"
 
-    def open(self) -> GymEnv:
-        """Create the gymnasium vector env (idempotent)."""
+    def _wrappers(self) -> list[Callable[[gym.Env], gym.Wrapper]]:  # type: ignore[type-arg]
+        wrappers: list[Callable[[gym.Env], gym.Wrapper]] = []  # type: ignore[type-arg]
+        if self.frame_skip > 1:
+            wrappers.append(partial(FrameSkipWrapper, skip=self.frame_skip))
+        if self.from_pixels:
+            wrappers.append(partial(AddRenderObservation, render_only=self.pixels_only, obs_key="observation"))
+        return wrappers
+
+    def open(self, *, same_step: bool = False) -> GymEnv:
+        """Create the gymnasium vector env (idempotent).
+
+        ``same_step``: the caller needs envs that reset on the step that ends an episode (the TensorDict API);
+        ``backend="auto"`` then picks ``"sync"`` over a native vector env that resets on the next step.
+        """
         if self._env is not None:
+            if same_step and self.autoreset != "same_step":
+                raise EnvError(
+                    f"GymEnv({self.name!r}) runs gymnasium's native vector env, whose envs reset on the step after "
+                    "an episode ends; the TensorDict API (reset/step/rollout) needs same-step resets. Create it "
+                    "with backend='sync' (or 'subprocess') to use both, or a second GymEnv for rollouts."
+                )
             return self
-        backend = self._resolve_backend()
+        backend = self._resolve_backend(same_step)
+        make_kwargs = dict(self.make_kwargs)
+        if self.from_pixels:
+            make_kwargs.setdefault("render_mode", "rgb_array")
         try:
             if backend == "native":
+                if self.from_pixels or self.frame_skip > 1:
+                    raise EnvError(f"GymEnv({self.name!r}): from_pixels and frame_skip need backend 'sync' or "
+                                   "'subprocess' (gymnasium's native vector envs take no wrappers)")
                 self._env = gym.make_vec(self.env_id, num_envs=self.num_envs, vectorization_mode="vector_entry_point",
-                                         **self.make_kwargs)
+                                         **make_kwargs)
             else:
                 mode = "sync" if backend == "sync" else "async"
                 kwargs = {"autoreset_mode": AutoresetMode.SAME_STEP}
                 if mode == "async":
                     kwargs["shared_memory"] = True  # type: ignore[assignment]
                 self._env = gym.make_vec(self.env_id, num_envs=self.num_envs, vectorization_mode=mode,
-                                         vector_kwargs=kwargs, **self.make_kwargs)
+                                         vector_kwargs=kwargs, wrappers=self._wrappers(), **make_kwargs)
         except gym.error.Error as exc:
             raise EnvError(f"cannot make gymnasium env {self.name!r} with backend {backend!r}: {exc}") from exc
+        self._adopt(backend)
+        return self
+
+    def _adopt(self, backend: str) -> None:
+        """Read the opened vector env's auto-reset convention."""
         mode = self._env.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP)
         if mode == AutoresetMode.NEXT_STEP:
             self.autoreset = "next_step"
@@ -120,7 +169,6 @@ class GymEnv:
         else:
             raise EnvError(f"env {self.name!r} uses auto-reset mode {mode}; streamrl supports NEXT_STEP and SAME_STEP")
         self.resolved_backend = backend
-        return self
 
     def close(self) -> None:
         if self._env is not None:
@@ -135,26 +183,69 @@ class GymEnv:
 
     # -- specs ---------------------------------------------------------------------------------------------
     @property
-    def observation_spec(self) -> Spec | Composite:
-        return spec_from_space(self.open()._env.single_observation_space)
+    def observation_spec(self) -> Composite:
+        """``observation`` (the env's own), ``pixels`` (``from_pixels``), or the keys of a Dict space."""
+        spec = spec_from_space(self.open()._env.single_observation_space)
+        if isinstance(spec, Composite):
+            return spec
+        return Composite({"pixels" if self.from_pixels and self.pixels_only else "observation": spec})
 
     @property
-    def action_spec(self) -> Spec | Composite:
-        return spec_from_space(self.open()._env.single_action_space)
+    def action_spec(self) -> Spec:
+        spec = spec_from_space(self.open()._env.single_action_space)
+        if isinstance(spec, Composite):
+            raise EnvError(f"GymEnv({self.name!r}): Dict action spaces are not supported")
+        return spec
 
-    @property
-    def reward_spec(self) -> Spec:
-        return Unbounded(shape=(1,), dtype="float32")
+    # -- the TensorDict API (see streamrl.envs.base) -------------------------------------------------------
+    def _keyed(self, obs: Any) -> dict[str, np.ndarray]:
+        if isinstance(obs, dict):
+            return {k: np.asarray(v) for k, v in obs.items()}
+        return {"pixels" if self.from_pixels and self.pixels_only else "observation": np.asarray(obs)}
 
-    # -- stepping ------------------------------------------------------------------------------------------
-    def reset(self, seed: int | None = None) -> np.ndarray:
+    def _tensors(self, arrays: dict[str, Any]) -> TensorDict:
+        return as_tensordict(arrays, self.batch_size, self.device)
+
+    def _reset(self, mask: torch.Tensor | None) -> TensorDict:
+        self.open(same_step=True)
+        if mask is None or self._current is None:
+            self._current = self._keyed(self.reset_arrays())
+        return self._tensors({k: v.copy() for k, v in self._current.items()})
+
+    def _step(self, td: TensorDictBase) -> TensorDict:
+        self.open(same_step=True)
+        if self._current is None:
+            raise EnvError(f"GymEnv({self.name!r}).step called before reset(); call env.reset() first")
+        action = td.get("action").detach().cpu().numpy()
+        if isinstance(self.action_spec, OneHot):
+            action = action.argmax(-1)
+        step = self.step_arrays(action)
+        self._current = self._keyed(step.observation)
+        out = self._tensors(self._keyed(step.next_observation))
+        n = self.num_envs
+        out.set("reward", torch.as_tensor(np.asarray(step.reward, dtype=np.float32)).reshape(n, 1).to(self.device))
+        terminated = torch.as_tensor(np.asarray(step.terminated, dtype=bool)).reshape(n, 1).to(self.device)
+        truncated = torch.as_tensor(np.asarray(step.truncated, dtype=bool)).reshape(n, 1).to(self.device)
+        out.set("terminated", terminated)
+        out.set("truncated", truncated)
+        out.set("done", terminated | truncated)
+        return out
+
+    def set_seed(self, seed: int | None) -> int | None:
+        self.seed = seed
+        self._current = None
+        return seed
+
+    # -- the array API (the env stage's hot path) ----------------------------------------------------------
+    def reset_arrays(self, seed: int | None = None) -> Any:
+        """Reset every env; the observations as gymnasium gives them (an array, or a dict of arrays)."""
         env = self.open()._env
         seed = self.seed if seed is None else seed
         obs, _ = env.reset(seed=seed)
         self._pending_reset = np.zeros(self.num_envs, dtype=bool)
-        return np.asarray(obs)
+        return obs if isinstance(obs, dict) else np.asarray(obs)
 
-    def step(self, actions: np.ndarray) -> VectorStep:
+    def step_arrays(self, actions: np.ndarray) -> VectorStep:
         """Step every env once with ``actions`` (numpy, env batch first)."""
         if self._pending_reset is None:
             raise EnvError(f"GymEnv({self.name!r}).step called before reset(); call env.reset() first")
@@ -202,6 +293,8 @@ class GymEnv:
         return self.open().resolved_backend == "subprocess"
 
     def _convert(self, obs: Any, reward: Any, terminated: Any, truncated: Any, info: dict[str, Any]) -> VectorStep:
+        if isinstance(obs, dict):
+            return self._convert_dict(obs, reward, terminated, truncated, info)
         obs = np.asarray(obs)
         if self.autoreset == "next_step":
             valid = None
@@ -219,5 +312,65 @@ class GymEnv:
                 next_obs[i] = finals[i]
         return VectorStep(obs, next_obs, reward, terminated, truncated, None)
 
+    def _convert_dict(self, obs: dict[str, Any], reward: Any, terminated: Any, truncated: Any,
+                      info: dict[str, Any]) -> VectorStep:
+        """``_convert`` for Dict observation spaces (same-step auto-reset backends only)."""
+        next_obs = obs
+        mask = info.get("_final_obs")
+        if mask is not None and mask.any():
+            next_obs = {k: np.array(v) for k, v in obs.items()}
+            finals = info["final_obs"]
+            for i in np.flatnonzero(mask):
+                for k in next_obs:
+                    next_obs[k][i] = finals[i][k]
+        return VectorStep(obs, next_obs, reward, terminated, truncated, None)  # type: ignore[arg-type]
+
     def __repr__(self) -> str:
-        return f"GymEnv({self.name!r}, num_envs={self.num_envs}, backend={self.backend!r})"
+        extra = ", from_pixels=True" if self.from_pixels else ""
+        return f"GymEnv({self.name!r}, num_envs={self.num_envs}, backend={self.backend!r}{extra})"
+
+
+class GymWrapper(GymEnv):
+    """An env you made yourself (a ``gymnasium.Env`` or a ``gymnasium.vector.VectorEnv``), with our API::
+
+        env = GymWrapper(gym.make("Pendulum-v1", g=9.81))
+        env.rollout(100)
+
+    A single env becomes a batch of one (auto-reset on the same step). The wrapped object travels with this one
+    when a stage group moves to a worker process, so it must be picklable there.
+    """
+
+    def __init__(self, env: Any, *, device: str | torch.device = "cpu", seed: int | None = None) -> None:
+        vector = isinstance(env, gym.vector.VectorEnv)
+        spec = getattr(env, "spec", None)
+        name = spec.id if spec is not None else type(env.unwrapped if not vector else env).__name__
+        super().__init__(name, num_envs=env.num_envs if vector else 1, device=device, seed=seed)
+        if not vector:
+            env = gym.vector.SyncVectorEnv([lambda: env], autoreset_mode=AutoresetMode.SAME_STEP)
+        self._env = env
+        self._adopt("wrapped")
+
+    def open(self, *, same_step: bool = False) -> GymEnv:
+        if self._env is None:
+            raise EnvError(f"GymWrapper({self.name!r}) was closed; wrap a new env")
+        return super().open(same_step=same_step)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+class FrameSkipWrapper(gym.Wrapper):  # type: ignore[type-arg]
+    """Repeat each action ``skip`` times (stopping at an episode end); rewards are summed."""
+
+    def __init__(self, env: gym.Env, skip: int) -> None:  # type: ignore[type-arg]
+        super().__init__(env)
+        self.skip = skip
+
+    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
+        total = 0.0
+        for _ in range(self.skip):
+            obs, reward, terminated, truncated, info = self.env.step(action)
+            total += float(reward)
+            if terminated or truncated:
+                break
+        return obs, total, terminated, truncated, info

@@ -104,6 +104,19 @@ class Bounded(Spec):
     def project(self, value: torch.Tensor) -> torch.Tensor:
         return torch.maximum(torch.minimum(value.to(self.dtype), self.high), self.low)
 
+    def __repr__(self) -> str:
+        return (f"Bounded(shape={tuple(self.shape)}, dtype={self.dtype}, low={_compact(self.low)}, "
+                f"high={_compact(self.high)})")
+
+
+def _compact(bound: torch.Tensor) -> str:
+    """A bound as a scalar when it is the same everywhere, else its values (truncated)."""
+    flat = bound.flatten()
+    if flat.numel() and bool((flat == flat[0]).all()):
+        return str(flat[0].item())
+    values = ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in flat[:6].tolist())
+    return f"[{values}{', ...' if flat.numel() > 6 else ''}]"
+
 
 @dataclass
 class Categorical(Spec):
@@ -135,6 +148,10 @@ class OneHot(Spec):
         return super().is_in(value) and bool((value.long().sum(-1) == 1).all()) and bool(
             ((value == 0) | (value == 1)).all()
         )
+
+    def project(self, value: torch.Tensor) -> torch.Tensor:
+        """The one-hot of the largest entry."""
+        return torch.nn.functional.one_hot(value.argmax(-1), self.n).to(self.dtype)
 
     def to_index(self, value: torch.Tensor) -> torch.Tensor:
         return value.long().argmax(-1)

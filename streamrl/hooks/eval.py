@@ -19,38 +19,37 @@ import statistics
 from typing import Any
 
 import anyio
-import numpy as np
 import torch
-from tensordict import TensorDict
 from tensordict.nn import InteractionType, TensorDictModuleBase, set_interaction_type
 
-from streamrl.envs.gym import GymEnv
+from streamrl.envs.base import EnvBase
 from streamrl.events import Event, Hook
 from streamrl.runtime import RunContext
 
 
-def evaluate(env: GymEnv, policy: TensorDictModuleBase, *, episodes: int, seed: int,
+def evaluate(env: EnvBase, policy: TensorDictModuleBase, *, episodes: int, seed: int,
              max_steps: int = 100_000) -> list[float]:
-    """Play ``episodes`` episodes with ``policy`` in deterministic mode; return their returns (blocking)."""
-    env.open()
+    """Play ``episodes`` episodes with ``policy`` in deterministic mode; return their returns (blocking).
+
+    Every env of ``env`` plays its first episode of a round; rounds (reseeded) repeat until enough episodes.
+    """
     returns: list[float] = []
     round_index = 0
     while len(returns) < episodes:
-        obs = env.reset(seed=seed + 1000 * round_index)
-        n = env.num_envs
-        running = np.zeros(n)
-        finished = np.zeros(n, dtype=bool)
+        env.set_seed(seed + 1000 * round_index)
+        td = env.reset()
+        running = torch.zeros(env.num_envs, dtype=torch.float64)
+        finished = torch.zeros(env.num_envs, dtype=torch.bool)
         for _ in range(max_steps):
-            td = TensorDict({"observation": torch.from_numpy(obs)}, batch_size=[n])
             with torch.no_grad(), set_interaction_type(InteractionType.DETERMINISTIC):
                 policy(td)
-            step = env.step(td.get("action").cpu().numpy())
-            live = ~finished if step.valid is None else ~finished & step.valid
-            running[live] += step.reward[live]
-            finished |= live & np.logical_or(step.terminated, step.truncated)
-            obs = step.observation
+            td, root = env.step_and_maybe_reset(td)
+            live = ~finished
+            running[live] += td.get(("next", "reward")).reshape(-1)[live].double().cpu()
+            finished |= live & td.get(("next", "done")).reshape(-1).cpu()
             if finished.all():
                 break
+            td = root
         returns.extend(running[finished].tolist())
         round_index += 1
     return returns[:episodes]
@@ -64,7 +63,7 @@ class Evaluate(Hook):
 
     def __init__(
         self,
-        env: GymEnv,
+        env: EnvBase,
         policy: TensorDictModuleBase,
         *,
         every_frames: int,

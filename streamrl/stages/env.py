@@ -23,10 +23,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import anyio
 import torch
 from tensordict import TensorDict
 
-from streamrl.envs.chunks import ChunkBuilder
+from streamrl.envs.base import EnvBase
+from streamrl.envs.chunks import ChunkBuilder, TensorDictChunkBuilder
 from streamrl.envs.gym import GymEnv
 from streamrl.errors import ConfigError, WouldBlock
 from streamrl.stages.base import Stage, StageContext
@@ -43,7 +45,7 @@ class EnvStage(Stage):
     def __init__(
         self,
         name: str,
-        env: GymEnv,
+        env: EnvBase,
         *,
         frames_per_chunk: int,
         total_frames: int | None = None,
@@ -64,10 +66,19 @@ class EnvStage(Stage):
         self.frames = 0
         self.chunks = 0
 
+    def _uses_arrays(self) -> bool:
+        """The fast path: a plain gymnasium vector env with one ``observation`` array."""
+        env = self.env
+        return isinstance(env, GymEnv) and list(env.observation_spec.keys()) == ["observation"]
+
     async def run(self, ctx: StageContext) -> None:
-        env = self.env.open()
-        seed = env.seed if env.seed is not None else ctx.run.seed + 7919 * self.group
-        observation = env.reset(seed=seed)
+        seed = self.env.seed if self.env.seed is not None else ctx.run.seed + 7919 * self.group
+        if not self._uses_arrays():
+            await self._run_tensordict(ctx, seed)
+            return
+        env = self.env
+        assert isinstance(env, GymEnv)
+        observation = env.open().reset_arrays(seed=seed)
         builder = ChunkBuilder(env.num_envs, self.steps_per_chunk, observation,
                                drops_rows=env.autoreset == "next_step")
         td = TensorDict({"observation": torch.from_numpy(builder.current_obs)}, batch_size=[env.num_envs])
@@ -104,6 +115,38 @@ class EnvStage(Stage):
                 else:
                     result = vector_env.step(action)
                 add(action, *result)
+            chunk, episodes = builder.emit()
+            chunk_frames = episodes.pop("frames")
+            self.frames += chunk_frames
+            self.chunks += 1
+            await ctx.publish(
+                "chunk", frames=self.frames, chunk_frames=chunk_frames, policy_version=builder.version,
+                chunk=chunk, **episodes,
+            )
+            await chunks.send(chunk)
+
+    async def _run_tensordict(self, ctx: StageContext, seed: int) -> None:
+        """Any env with the TensorDict API (transforms, pixels): each step runs in a worker thread, so that the
+        event loop serves other stages (a second env group, the learner) while envs step or render."""
+        env = self.env
+        env.set_seed(seed)
+        root = await anyio.to_thread.run_sync(env.reset)
+        builder = TensorDictChunkBuilder(env.num_envs, self.steps_per_chunk)
+        requests, receive_answer, chunks = ctx.output("requests"), ctx.input("actions").receive, ctx.output("chunks")
+        total = self.total_frames
+        while not ctx.stopping and (total is None or self.frames < total):
+            for t in range(self.steps_per_chunk):
+                request = StepRequest(root, self.group)
+                request.new_chunk = t == 0
+                before = set(root.keys())
+                await requests.send(request)
+                answer = await receive_answer()
+                td = answer.td
+                if t == 0:
+                    builder.version = answer.version
+                    builder.drop = set(td.keys()) - before - {"action", *self.record}
+                td, root = await anyio.to_thread.run_sync(env.step_and_maybe_reset, td)
+                builder.add(td)
             chunk, episodes = builder.emit()
             chunk_frames = episodes.pop("frames")
             self.frames += chunk_frames
