@@ -22,7 +22,7 @@ from streamrl import (
     MLP,
     Checkpoint,
     DQNLoss,
-    EGreedy,
+    EGreedyModule,
     EnvStage,
     EpsilonAnnealing,
     Evaluate,
@@ -101,7 +101,7 @@ def build(cfg: Config) -> Pipeline:
     torch.manual_seed(cfg.seed)
     q_net = MLP(n_actions, in_features=4, num_cells=cfg.hidden)
     actor = QValueActor(q_net)
-    explore = EGreedy(n_actions, eps_init=cfg.eps_init, eps_end=cfg.eps_end, annealing_frames=cfg.eps_frames)
+    explore = EGreedyModule(n_actions, eps_init=cfg.eps_init, eps_end=cfg.eps_end, annealing_frames=cfg.eps_frames)
     collect_policy = TensorDictSequential(actor, explore)
 
     # Loss and optimizer: double DQN with a Huber loss; the loss owns the target network.

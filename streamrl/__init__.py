@@ -21,8 +21,10 @@ _EXPORTS: dict[str, str] = {
     "ClosedStreamError": "streamrl.errors",
     "Composite": "streamrl.envs.specs",
     "ConfigError": "streamrl.errors",
+    "ConvNet": "streamrl.modules.nets",
     "DQNLoss": "streamrl.objectives.dqn",
-    "EGreedy": "streamrl.modules.exploration",
+    "DuelingCnnDQNet": "streamrl.modules.nets",
+    "EGreedyModule": "streamrl.modules.exploration",
     "EndOfStream": "streamrl.errors",
     "EnvError": "streamrl.errors",
     "EnvStage": "streamrl.stages.env",
@@ -99,8 +101,8 @@ if TYPE_CHECKING:
     from streamrl.hooks.progress import ProgressBar
     from streamrl.hooks.schedules import EpsilonAnnealing, TargetNetworkUpdate
     from streamrl.modules.actors import QValueActor
-    from streamrl.modules.exploration import EGreedy
-    from streamrl.modules.nets import MLP
+    from streamrl.modules.exploration import EGreedyModule
+    from streamrl.modules.nets import MLP, ConvNet, DuelingCnnDQNet
     from streamrl.objectives.dqn import DQNLoss
     from streamrl.objectives.updaters import HardUpdate, SoftUpdate
     from streamrl.pipeline import Pipeline
@@ -138,8 +140,10 @@ __all__ = [
     "ClosedStreamError",
     "Composite",
     "ConfigError",
+    "ConvNet",
     "DQNLoss",
-    "EGreedy",
+    "DuelingCnnDQNet",
+    "EGreedyModule",
     "EndOfStream",
     "EnvError",
     "EnvStage",

@@ -69,6 +69,19 @@ def test_plain_dqn_uses_the_target_max_and_mse():
     assert out["loss"].item() == pytest.approx(((q - target) ** 2).mean().item(), rel=1e-6)
 
 
+def test_one_hot_actions_and_n_step_discounts():
+    one_hot = batch()
+    one_hot.set("action", torch.nn.functional.one_hot(one_hot["action"], 2))
+    assert make_loss()(one_hot)["loss"].item() == make_loss()(batch())["loss"].item()
+    n_step = batch()
+    n_step.set(("next", "gamma"), torch.tensor([[0.5], [0.9], [0.25]]))
+    out = make_loss(double_dqn=True, loss="l2")(n_step)
+    #  t0: 1 + 0.5*0.3 = 1.15 ; t1: terminated -> 0.5 ; t2: -1 + 0.25*20 = 4.0
+    q = torch.tensor([2.0, 3.0, -1.0])
+    target = torch.tensor([1.15, 0.5, 4.0])
+    assert out["loss"].item() == pytest.approx(((q - target) ** 2).mean().item(), rel=1e-6)
+
+
 def test_gradients_flow_to_the_online_network_only():
     loss = make_loss()
     loss(batch())["loss"].backward()

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from streamrl.events import Event, Hook
-from streamrl.modules.exploration import EGreedy
+from streamrl.modules.exploration import EGreedyModule
 from streamrl.objectives.updaters import HardUpdate, SoftUpdate
 
 
@@ -36,12 +36,12 @@ class TargetNetworkUpdate(Hook):
 
 
 class EpsilonAnnealing(Hook):
-    """Advances an :class:`EGreedy` module's schedule by the frames of each chunk (``post_steps``)."""
+    """Advances an :class:`EGreedyModule`'s schedule by the frames of each chunk (``post_steps``)."""
 
     events = ("chunk",)
     mode = "lockstep"
 
-    def __init__(self, module: EGreedy, name: str | None = None) -> None:
+    def __init__(self, module: EGreedyModule, name: str | None = None) -> None:
         super().__init__(name)
         self.module = module
 

@@ -7,7 +7,7 @@
     out["loss"].backward()
     SoftUpdate(loss_fn, tau=0.01).step()    # or HardUpdate(loss_fn, every=500)
 
-The batch holds ``observation``, ``action`` (index), and under ``next``: ``observation``, ``reward`` [B, 1],
+The batch holds ``observation``, ``action`` (index or one-hot), and under ``next``: ``observation``, ``reward`` [B, 1],
 ``terminated`` [B, 1]. The TD target is ``r + gamma^n * (1 - terminated) * Q_target(s', a*)`` where ``a*`` is the
 online network's argmax (double DQN) or the target's (plain DQN). Truncated episodes bootstrap: only
 ``terminated`` cuts the return. ``n`` is 1 unless the batch carries ``("next", "gamma")`` (n-step returns).
@@ -67,6 +67,8 @@ class DQNLoss(nn.Module):
             q_all, q_next_online = both[: obs.shape[0]], both[obs.shape[0]:].detach()
         else:
             q_all = self.value_net(obs)
+        if action.dim() == 2 and action.shape[-1] == q_all.shape[-1]:  # one-hot actions (a OneHot action spec)
+            action = action.argmax(-1)
         q = q_all.gather(-1, action.reshape(-1, 1)).squeeze(-1)
         with torch.no_grad():
             target_all = self.target_value_net(next_obs)

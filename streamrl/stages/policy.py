@@ -16,7 +16,7 @@ of a chunk was produced by one known ``policy_version``.
 
 The stage acts with its *own copy* of the policy's parameters (gradients off), even in the learner's process: the
 learner's updates reach it only as published, versioned weights. Modules without parameters (exploration
-schedules such as ``EGreedy``) are not copied, so hooks that drive them keep working.
+schedules such as ``EGreedyModule``) are not copied, so hooks that drive them keep working.
 """
 
 from __future__ import annotations
