@@ -89,5 +89,14 @@ class EnvError(StreamRLError):
     """An environment misbehaved."""
 
 
+class EnvWorkerDied(EnvError):
+    """A subprocess env worker died (killed, crashed) or was shut down; ``.env`` names the env, ``.workers`` them."""
+
+    def __init__(self, message: str, env: str = "", workers: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.env = env
+        self.workers = workers
+
+
 class StoreError(StreamRLError):
     """A replay store cannot be opened or is inconsistent."""

@@ -377,8 +377,10 @@ class WorkerGroup:
         spec = self._spec()
         parent_sock, child_sock = socket.socketpair()
         ctx = worker_context()
+        # Not a daemon: a group's envs may start their own subprocess workers. The worker exits when this process
+        # goes away (its socket reports EOF), and run() reaps it on every exit path.
         self.process = ctx.Process(
-            target=worker_main, args=(child_sock, self.preload, spec), name=f"streamrl-{self.group}", daemon=True
+            target=worker_main, args=(child_sock, self.preload, spec), name=f"streamrl-{self.group}", daemon=False
         )
         self._events, self._events_out = open_stream(256, name=f"events from {self.group}")
         try:

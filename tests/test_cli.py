@@ -96,3 +96,16 @@ def test_overrides_and_errors(tmp_path):
     assert missing.returncode == 2 and "does not exist" in missing.stderr
     graph = streamrl("graph", DQN)
     assert graph.returncode == 0 and "env.chunks --[1]--> writer.chunks" in graph.stdout
+
+
+def test_tiny_pixel_dqn_run_through_the_cli(tmp_path):
+    out = tmp_path / "pixels"
+    proc = streamrl("run", str(ROOT / "pipelines" / "dqn_cartpole_pixels.py"), "--out", str(out),
+                    "--set", "total_frames=256", "--set", "num_envs=2", "--set", "frames_per_chunk=32",
+                    "--set", "min_fill=64", "--set", "batch_size=8", "--set", "init_stats_steps=8",
+                    "--set", "image_size=32", "--set", "eval_every=128", "--set", "eval_episodes=1",
+                    "--set", "buffer_size=512")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["frames"] >= 256 and summary["optim_steps"] > 0 and summary["evals"] >= 1
+    assert {"env", "nstep", "writer", "learner"} <= set(summary["stages"]["busy_fraction"])

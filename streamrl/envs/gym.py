@@ -42,6 +42,13 @@ from tensordict import TensorDict, TensorDictBase
 
 from streamrl.envs.base import EnvBase, as_tensordict
 from streamrl.envs.specs import Composite, OneHot, Spec, spec_from_space
+from streamrl.envs.workers import (
+    async_vector_env,
+    close_vector_env,
+    raise_for_worker_failure,
+    raise_if_workers_died,
+    watch_workers,
+)
 from streamrl.errors import EnvError
 
 Backend = Literal["auto", "native", "sync", "subprocess"]
@@ -70,6 +77,7 @@ class GymEnv(EnvBase):
         from_pixels: bool = False,
         pixels_only: bool = True,
         frame_skip: int = 1,
+        noop_max: int = 0,
         backend: Backend = "auto",
         device: str | torch.device = "cpu",
         seed: int | None = None,
@@ -87,6 +95,7 @@ class GymEnv(EnvBase):
         self.from_pixels = from_pixels
         self.pixels_only = pixels_only
         self.frame_skip = frame_skip
+        self.noop_max = noop_max  # > 0: 1..noop_max no-op steps after each reset (streamrl.transforms.NoopResetEnv)
         self.backend = backend
         self.device = torch.device(device)
         self.seed = seed
@@ -116,6 +125,10 @@ class GymEnv(EnvBase):
 
     def _wrappers(self) -> list[Callable[[gym.Env], gym.Wrapper]]:  # type: ignore[type-arg]
         wrappers: list[Callable[[gym.Env], gym.Wrapper]] = []  # type: ignore[type-arg]
+        if getattr(self, "noop_max", 0) > 0:  # innermost: the no-ops are single raw steps
+            from streamrl.transforms.episode import NoopResetWrapper
+
+            wrappers.append(partial(NoopResetWrapper, noops=self.noop_max))
         if self.frame_skip > 1:
             wrappers.append(partial(FrameSkipWrapper, skip=self.frame_skip))
         if self.from_pixels:
@@ -156,6 +169,7 @@ class GymEnv(EnvBase):
                                          vector_kwargs=kwargs, wrappers=self._wrappers(), **make_kwargs)
         except gym.error.Error as exc:
             raise EnvError(f"cannot make gymnasium env {self.name!r} with backend {backend!r}: {exc}") from exc
+        self._env = watch_workers(self._env, self.name)  # worker deaths and errors name the env and the worker
         self._adopt(backend)
         return self
 
@@ -171,9 +185,11 @@ class GymEnv(EnvBase):
         self.resolved_backend = backend
 
     def close(self) -> None:
+        """Close the vector env. Subprocess workers get a few seconds to close their envs, then are terminated
+        (killed if need be): a dead or stuck worker never makes this hang or raise, and none is left running."""
         if self._env is not None:
-            self._env.close()
-            self._env = None
+            env, self._env = self._env, None
+            close_vector_env(env)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -257,9 +273,17 @@ class GymEnv(EnvBase):
         self._env.step_async(actions)
 
     async def wait_ready(self) -> None:
-        """Await until every subprocess worker has answered, without blocking the event loop."""
+        """Await until every subprocess worker has answered, without blocking the event loop.
+
+        A worker that dies meanwhile ends the wait too (its pipe reads end-of-file); ``step_wait`` then raises
+        :class:`~streamrl.errors.EnvWorkerDied` naming it. A worker shut down earlier (its env raised) raises
+        that here at once. See :mod:`streamrl.envs.workers`.
+        """
         loop = asyncio.get_running_loop()
-        pipes = [p for p in self._env.parent_pipes if p is not None]
+        all_pipes = async_vector_env(self._env).parent_pipes  # type: ignore[union-attr]
+        pipes = [p for p in all_pipes if p is not None]
+        if len(pipes) < len(all_pipes):
+            raise_if_workers_died(self._env, self.name)
         waiting = [p for p in pipes if not p.poll()]
         if not waiting:
             return
@@ -281,7 +305,17 @@ class GymEnv(EnvBase):
                 loop.remove_reader(fd)
 
     def step_wait(self) -> VectorStep:
-        return self._convert(*self._env.step_wait())
+        """Take the workers' answers to ``step_async``.
+
+        A worker that died raises :class:`~streamrl.errors.EnvWorkerDied`, one whose env raised an
+        :class:`~streamrl.errors.EnvError` with the original message; both name the env and the worker.
+        """
+        try:
+            result = self._env.step_wait()
+        except Exception as exc:
+            raise_for_worker_failure(self._env, self.name, exc)
+            raise
+        return self._convert(*result)
 
     @property
     def vector_env(self) -> Any:

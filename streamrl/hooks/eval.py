@@ -8,8 +8,10 @@
 Every ``every_frames`` collected frames the hook copies the policy (the learner's current weights, in the main
 process), plays ``episodes`` full episodes in a worker thread with exploration off
 (``InteractionType.DETERMINISTIC``), and publishes an ``eval`` event with the mean, min, max and std of the
-returns. When ``stop_at_return`` is set and the mean reaches it, the event says ``solved`` and the run is asked to
-stop (the pipeline drains and the summary records frames and wall time to solve).
+returns. An env holding a :class:`~streamrl.transforms.VideoRecorder` records env 0 of each evaluation into
+``<run_dir>/eval_<frames>.gif`` (listed in the event's ``videos``). When ``stop_at_return`` is set and the
+mean reaches it, the event says ``solved`` and the run is asked to stop (the pipeline drains and the summary
+records frames and wall time to solve).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from tensordict.nn import InteractionType, TensorDictModuleBase, set_interaction
 from streamrl.envs.base import EnvBase
 from streamrl.events import Event, Hook
 from streamrl.runtime import RunContext
+from streamrl.transforms.video import video_recorders
 
 
 def evaluate(env: EnvBase, policy: TensorDictModuleBase, *, episodes: int, seed: int,
@@ -98,15 +101,22 @@ class Evaluate(Hook):
         assert self.run is not None
         snapshot = copy.deepcopy(self.policy).to("cpu")
         seed = self.run.seed + 10_000 + 97 * self.evals
+        recorders = video_recorders(self.env)
+        for recorder in recorders:
+            recorder.clear()
         returns = await anyio.to_thread.run_sync(
             lambda: evaluate(self.env, snapshot, episodes=self.episodes, seed=seed)
         )
+        run_dir = self.run.run_dir
+        videos = [r.dump(run_dir / f"eval_{frames}{f'_{i}' if i else ''}.gif") for i, r in enumerate(recorders)]
         self.evals += 1
         mean = statistics.fmean(returns)
         solved = self.stop_at_return is not None and mean >= self.stop_at_return
-        data = {"mean_return": mean, "min_return": min(returns), "max_return": max(returns),
+        data: dict[str, Any] = {"mean_return": mean, "min_return": min(returns), "max_return": max(returns),
                 "std_return": statistics.pstdev(returns), "episodes": len(returns), "frames": frames,
                 "solved": solved}
+        if any(videos):
+            data["videos"] = [str(v) for v in videos if v is not None]
         await self.run.bus.publish("eval", self.name, data)
         if solved:
             self.run.request_stop("solved")

@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import torch
 from tensordict import TensorDictBase
-from torch import nn
+
+from streamrl.transforms.base import Transform
 
 
-class MultiStep(nn.Module):
-    """``n``-step discounted returns within each chunk ``[num_envs, T]``; see the module docstring."""
+class MultiStep(Transform):
+    """``n``-step discounted returns within each chunk ``[num_envs, T]``; see the module docstring.
+
+    A chunk transform only: on an env (``TransformedEnv``) it does nothing, a step has no future to sum.
+    """
 
     def __init__(self, gamma: float, n: int) -> None:
         super().__init__()

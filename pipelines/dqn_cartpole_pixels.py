@@ -1,0 +1,193 @@
+"""DQN on CartPole-v1 from pixels, as a streaming pipeline (the TorchRL tutorial users know, as stages).
+
+    streamrl run pipelines/dqn_cartpole_pixels.py --device cuda
+
+The agent sees only rendered frames: each env renders in a subprocess worker, and the transforms turn the
+600x400 RGB frame into what the network reads: float CHW in [0, 1] → grayscale → 64x64 → the last 4 frames
+stacked (velocity is visible only across frames) → normalised with statistics measured on random play before
+training (``ObservationNorm.init_stats``). A step counter and a reward scale complete the stack. Chunks get
+n-step returns before they are stored; a dueling CNN learns with double DQN and soft target updates; epsilon
+anneals over the first frames.
+
+    env group (worker) ──chunks──> n-step ──> writer ──[RAM ring]──> sampler ──batches──> learner
+         ^                                                                                    │
+         └──────────────────────────────── weights (versioned) ───────────────────────────────┘
+
+The CNN makes the learner costly: on CPU an update takes tens of milliseconds, so full runs want a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tensordict.nn import TensorDictSequential
+
+from streamrl import (
+    Checkpoint,
+    DQNLoss,
+    DuelingCnnDQNet,
+    EGreedyModule,
+    EnvStage,
+    EpsilonAnnealing,
+    Evaluate,
+    EventLog,
+    GymEnv,
+    LearnerStage,
+    MetricsCSV,
+    Pipeline,
+    PolicyStage,
+    ProgressBar,
+    QValueActor,
+    RamStorage,
+    RateLimiter,
+    ReplayBuffer,
+    SamplerStage,
+    SoftUpdate,
+    TargetNetworkUpdate,
+    WriterStage,
+)
+from streamrl.replay.multistep import MultiStep
+from streamrl.stages.transform import TransformStage
+from streamrl.transforms import (
+    CatFrames,
+    Compose,
+    GrayScale,
+    ObservationNorm,
+    Resize,
+    RewardScaling,
+    StepCounter,
+    ToTensorImage,
+    TransformedEnv,
+)
+
+
+@dataclass
+class Config:
+    total_frames: int = 300_000
+    """Stop after this many env frames."""
+    seed: int = 0
+    """Seed of torch, numpy, the envs and the evaluation envs."""
+    device: str = "auto"
+    """Learner and policy device: cpu, cuda, or auto (CUDA when available)."""
+    num_envs: int = 4
+    """Envs, each rendering in its own subprocess worker."""
+    frames_per_chunk: int = 64
+    """Frames per chunk; the policy takes new weights between chunks."""
+    image_size: int = 64
+    """Frames are resized to image_size x image_size."""
+    frame_stack: int = 4
+    """Frames stacked along the channel dim."""
+    init_stats_steps: int = 256
+    """Random steps whose frames give the normalisation mean and std."""
+    reward_scale: float = 0.1
+    """Rewards are multiplied by this before they are stored."""
+    n_steps: int = 3
+    """n of the n-step returns."""
+    buffer_size: int = 20_000
+    """Replay capacity in transitions (each holds two 4x64x64 float stacks: ~128 kB)."""
+    batch_size: int = 64
+    """Transitions per learner update."""
+    updates_per_frame: float = 0.25
+    """Learner updates per collected frame, kept by the replay rate limiter."""
+    min_fill: int = 2_000
+    """Transitions in replay before the first update."""
+    lr: float = 2.5e-4
+    """Adam learning rate."""
+    gamma: float = 0.99
+    """Discount factor."""
+    tau: float = 0.005
+    """Soft target update rate (per learner update)."""
+    max_grad_norm: float = 10.0
+    """Gradient-norm clipping threshold."""
+    eps_init: float = 1.0
+    """Initial exploration epsilon."""
+    eps_end: float = 0.05
+    """Final exploration epsilon."""
+    eps_frames: int = 50_000
+    """Frames over which epsilon anneals linearly."""
+    publish_every: int = 16
+    """Learner updates between weight publications to the policy."""
+    eval_every: int = 10_000
+    """Frames between evaluations."""
+    eval_episodes: int = 10
+    """Episodes per evaluation."""
+    target_return: float = 100.0
+    """Stop once the evaluation mean (in env reward, unscaled) reaches this return."""
+
+
+def make_env(cfg: Config, num_envs: int, seed: int) -> TransformedEnv:
+    """Rendered CartPole with the preprocessing stack (normalisation statistics still to be measured)."""
+    base = GymEnv("CartPole-v1", num_envs=num_envs, from_pixels=True, backend="subprocess" if num_envs > 1 else "sync",
+                  seed=seed)
+    return TransformedEnv(base, Compose(
+        ToTensorImage(),
+        GrayScale(),
+        Resize(cfg.image_size, cfg.image_size),
+        CatFrames(cfg.frame_stack, dim=-3),
+        ObservationNorm(in_keys=["pixels"], standard_normal=True),
+        StepCounter(),
+    ))
+
+
+def build(cfg: Config) -> Pipeline:
+    env = make_env(cfg, cfg.num_envs, cfg.seed)
+    norm = env.transform[4]
+    norm.init_stats(cfg.init_stats_steps, reduce_dim=(0, 1, 2, 3), cat_dim=0)  # one mean and std for all pixels
+    env.append_transform(RewardScaling(loc=0.0, scale=cfg.reward_scale))
+    eval_env = make_env(cfg, 1, cfg.seed + 1)
+    eval_env.transform[4].load_state_dict(norm.state_dict())  # the statistics the agent trained with
+    env.close()  # reopened in the collection worker
+
+    torch.manual_seed(cfg.seed)
+    n_actions = 2
+    q_net = DuelingCnnDQNet(
+        n_actions,
+        cnn_kwargs={"num_cells": (32, 64, 64), "kernel_sizes": (6, 4, 3), "strides": (2, 2, 1)},
+        mlp_kwargs={"num_cells": (64, 64)},
+    )
+    q_net(torch.zeros(1, cfg.frame_stack, cfg.image_size, cfg.image_size))  # size the lazy layers
+    actor = QValueActor(q_net, in_key="pixels")
+    explore = EGreedyModule(n_actions, eps_init=cfg.eps_init, eps_end=cfg.eps_end, annealing_frames=cfg.eps_frames)
+    collect_policy = TensorDictSequential(actor, explore)
+
+    loss = DQNLoss(actor, gamma=cfg.gamma, double_dqn=True, loss="smooth_l1", in_key="pixels")
+    optimizer = torch.optim.Adam(loss.value_net.parameters(), lr=cfg.lr)
+
+    samples_per_insert = cfg.updates_per_frame * cfg.batch_size
+    replay = ReplayBuffer(
+        RamStorage(cfg.buffer_size),
+        batch_size=cfg.batch_size,
+        limiter=RateLimiter(samples_per_insert=samples_per_insert, min_fill=cfg.min_fill,
+                            tolerance=samples_per_insert * cfg.frames_per_chunk, batch_size=cfg.batch_size),
+    )
+    learner = LearnerStage("learner", loss, optimizer, publish=actor, publish_every=cfg.publish_every,
+                           max_grad_norm=cfg.max_grad_norm, device=cfg.device)
+
+    p = Pipeline("dqn_cartpole_pixels", config=cfg)
+    p.add(
+        EnvStage("env", env, frames_per_chunk=cfg.frames_per_chunk, total_frames=cfg.total_frames),
+        PolicyStage("policy", collect_policy, weights_module=actor),
+        group="collect",
+    )
+    p.add(TransformStage("nstep", MultiStep(cfg.gamma, cfg.n_steps)), WriterStage("writer", replay),
+          SamplerStage("sampler", replay, pin_memory=True), learner)
+    p.connect("env.requests", "policy.requests", capacity=1)
+    p.connect("policy.actions", "env.actions", capacity=1)
+    p.connect("env.chunks", "nstep.chunks", capacity=1)
+    p.connect("nstep.chunks", "writer.chunks", capacity=1)
+    p.connect("sampler.batches", "learner.batches", capacity=4)
+    p.connect("learner.weights", "policy.weights", capacity=1, overflow="drop_oldest")
+    p.place("collect", "worker_process")
+
+    p.add_hook(EpsilonAnnealing(explore), group="collect")
+    p.add_hook(
+        TargetNetworkUpdate(SoftUpdate(loss, tau=cfg.tau)),
+        Evaluate(eval_env, actor, every_frames=cfg.eval_every, episodes=cfg.eval_episodes,
+                 stop_at_return=cfg.target_return),
+        ProgressBar(cfg.total_frames),
+        EventLog(),
+        MetricsCSV(every_frames=cfg.eval_every),
+        Checkpoint(learner),
+    )
+    return p

@@ -1,0 +1,249 @@
+"""Episode transforms: ``StepCounter``, ``RewardSum``, ``NoopResetEnv``, ``FrameSkip``.
+
+::
+
+    env = TransformedEnv(GymEnv("CartPole-v1", num_envs=4, backend="sync"), Compose(
+        NoopResetEnv(noops=30),        # 1..30 no-op steps after every reset (inside each gymnasium env)
+        FrameSkip(2),                  # every action repeated twice, rewards summed (inside each gymnasium env)
+        StepCounter(max_steps=200),    # step_count [.., 1]; truncated/done at 200 steps
+        RewardSum(),                   # episode_reward [.., 1]: the return so far
+    ))
+
+``StepCounter`` and ``RewardSum`` keep one counter per env, reset on the envs a reset touches. On chunks
+(``forward``/``forward_chunk``) they count from each episode's start, as ``CatFrames`` does.
+
+``NoopResetEnv`` and ``FrameSkip`` cannot be done on a vector env from the outside: a gymnasium vector env steps
+all its envs at once, so one env cannot be stepped alone after its reset, and repeating an action across the
+batch would step envs whose episode ended on the way. Both therefore configure the base :class:`GymEnv` (its
+``noop_max`` and ``frame_skip``, applied as gymnasium wrappers in every env) and need a GymEnv that is not open
+yet. For the same reason ``StepCounter(max_steps)`` on a GymEnv also sets gymnasium's own time limit to
+``max_steps`` (when shorter than the registered one), so that the env really resets when the counter truncates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from tensordict import TensorDictBase
+
+from streamrl.envs.gym import GymEnv
+from streamrl.envs.specs import Bounded, Composite, Unbounded
+from streamrl.errors import EnvError
+from streamrl.transforms._chunks import ends_open, episode_starts, segment_cumsum
+from streamrl.transforms.base import Transform, TransformedEnv
+
+
+def _closed_gym_env(env: TransformedEnv, who: str, *, required: bool = True) -> GymEnv | None:
+    base = env.innermost()
+    if not isinstance(base, GymEnv):
+        if required:
+            raise EnvError(f"{who} configures the gymnasium envs inside a GymEnv; the base env is {base!r}")
+        return None
+    if base._env is not None:
+        raise EnvError(f"{who} must join the env before its GymEnv opens (it sets a gymnasium wrapper), but "
+                       f"{base!r} is already open; build TransformedEnv(GymEnv(...), {who}) before using the env")
+    return base
+
+
+class _PerEnv(Transform):
+    """A running per-env value (``[*batch, 1]``) reset on masked rows; see StepCounter and RewardSum."""
+
+    dtype: torch.dtype
+
+    def __init__(self, in_keys: Sequence[str], out_keys: Sequence[str]) -> None:
+        super().__init__(in_keys, out_keys)
+        self._value: torch.Tensor | None = None
+        self._carry: tuple[torch.Tensor, torch.Tensor] | None = None  # forward_chunk: (running value, open)
+
+    def _reset(self, td: TensorDictBase, mask: torch.Tensor | None) -> TensorDictBase:
+        shape = (*td.batch_size, 1)
+        value = self._value
+        if mask is None or value is None or value.shape != shape:
+            value = torch.zeros(shape, dtype=self.dtype, device=td.device)
+        else:
+            value = value.clone()
+            value[mask.reshape(td.batch_size).to(value.device)] = 0
+        self._value = value
+        td.set(self.out_keys[0], value)
+        return td
+
+    def _increment(self, next_td: TensorDictBase) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _step(self, td: TensorDictBase, next_td: TensorDictBase) -> TensorDictBase:
+        if self._value is None:
+            raise RuntimeError(f"{type(self).__name__}: the env was stepped before a reset; call env.reset() first")
+        self._value = self._value + self._increment(next_td).to(self.dtype)
+        next_td.set(self.out_keys[0], self._value)
+        return next_td
+
+    def _per_row(self, td: TensorDictBase) -> torch.Tensor:
+        """``[B, T]``: what each row adds (1 for a step, its reward)."""
+        raise NotImplementedError
+
+    def _chunk(self, td: TensorDictBase, *, carry: bool) -> TensorDictBase:
+        batch = td.batch_size
+        T = batch[-1] if len(batch) else 0
+        B = batch.numel() // max(T, 1)
+        prev = self._carry if carry else None
+        if prev is not None and prev[0].shape[0] != B:
+            prev = None
+        cont = prev[1] if prev is not None else None
+        running = prev[0] if prev is not None else torch.zeros(B, dtype=torch.float64, device=td.device)
+        starts = episode_starts(td, cont)
+        added = self._per_row(td).reshape(B, T).to(torch.float64)
+        after = segment_cumsum(added, starts, running)
+        before = after - added
+        td.set(self.out_keys[0], before.to(self.dtype).reshape(*batch, 1))
+        if "next" in td.keys():
+            td.set(("next", self.out_keys[0]), after.to(self.dtype).reshape(*batch, 1))
+        if carry:
+            self._carry = (after[:, -1], ends_open(td))
+        return td
+
+    def forward(self, td: TensorDictBase) -> TensorDictBase:
+        return self._chunk(td, carry=False)
+
+    def forward_chunk(self, td: TensorDictBase) -> TensorDictBase:
+        return self._chunk(td, carry=True)
+
+
+class StepCounter(_PerEnv):
+    """``step_count`` ``[.., 1]`` int64: 0 after a reset, +1 per step. With ``max_steps`` a step that reaches it
+    sets ``truncated`` and ``done`` (see the module docstring for GymEnv)."""
+
+    dtype = torch.int64
+
+    def __init__(self, max_steps: int | None = None, step_count_key: str = "step_count") -> None:
+        super().__init__((), ())
+        if max_steps is not None and max_steps < 1:
+            raise ValueError(f"StepCounter: max_steps must be >= 1 or None, got {max_steps}")
+        self.out_keys = [step_count_key]
+        self.max_steps = max_steps
+
+    def _attached(self, env: TransformedEnv) -> None:
+        if self.max_steps is None:
+            return
+        base = _closed_gym_env(env, f"StepCounter(max_steps={self.max_steps})", required=False)
+        if base is None:
+            return
+        limits = [self.max_steps, base.make_kwargs.get("max_episode_steps"), gym.spec(base.env_id).max_episode_steps]
+        base.make_kwargs["max_episode_steps"] = min(x for x in limits if x is not None)
+
+    def _increment(self, next_td: TensorDictBase) -> torch.Tensor:
+        return torch.ones((*next_td.batch_size, 1), dtype=torch.int64, device=next_td.device)
+
+    def _step(self, td: TensorDictBase, next_td: TensorDictBase) -> TensorDictBase:
+        next_td = super()._step(td, next_td)
+        if self.max_steps is not None and self._value is not None:
+            hit = self._value >= self.max_steps
+            for key in ("truncated", "done"):
+                if key in next_td.keys():
+                    next_td.set(key, next_td.get(key) | hit)
+        return next_td
+
+    def _per_row(self, td: TensorDictBase) -> torch.Tensor:
+        return torch.ones(td.batch_size, dtype=torch.float64, device=td.device)
+
+    def transform_observation_spec(self, spec: Composite) -> Composite:
+        out = Composite(dict(spec.specs))
+        if self.max_steps is None:
+            out[self.out_keys[0]] = Unbounded(shape=(1,), dtype=torch.int64)
+        else:
+            out[self.out_keys[0]] = Bounded(shape=(1,), dtype=torch.int64, low=0, high=self.max_steps)
+        return out
+
+    def __repr__(self) -> str:
+        return f"StepCounter(max_steps={self.max_steps})"
+
+
+class RewardSum(_PerEnv):
+    """``episode_reward`` ``[.., 1]``: the sum of the episode's rewards so far (0 after a reset)."""
+
+    dtype = torch.float32
+
+    def __init__(self, in_keys: Sequence[str] = ("reward",), out_keys: Sequence[str] = ("episode_reward",)) -> None:
+        super().__init__(in_keys, out_keys)
+        if len(self.in_keys) != 1:
+            raise ValueError(f"RewardSum sums one reward entry, got in_keys={self.in_keys}")
+
+    def _increment(self, next_td: TensorDictBase) -> torch.Tensor:
+        return next_td.get(self.in_keys[0])
+
+    def _per_row(self, td: TensorDictBase) -> torch.Tensor:
+        return td.get(("next", self.in_keys[0]))
+
+    def transform_observation_spec(self, spec: Composite) -> Composite:
+        out = Composite(dict(spec.specs))
+        out[self.out_keys[0]] = Unbounded(shape=(1,), dtype=self.dtype)
+        return out
+
+
+class NoopResetEnv(Transform):
+    """After every reset, 1 to ``noops`` (uniformly drawn) no-op steps; runs inside each gymnasium env."""
+
+    def __init__(self, noops: int = 30, random: bool = True) -> None:
+        super().__init__()
+        if noops < 1:
+            raise ValueError(f"NoopResetEnv: noops must be >= 1, got {noops}")
+        if not random:
+            raise ValueError("NoopResetEnv: only random=True (1..noops no-ops per reset) is supported")
+        self.noops = noops
+        self.random = random
+
+    def _attached(self, env: TransformedEnv) -> None:
+        base = _closed_gym_env(env, f"NoopResetEnv(noops={self.noops})")
+        assert base is not None
+        if base.backend == "native":
+            raise EnvError("NoopResetEnv needs GymEnv backend 'sync' or 'subprocess' (native vector envs take no "
+                           "wrappers)")
+        base.noop_max = self.noops
+
+    def __repr__(self) -> str:
+        return f"NoopResetEnv(noops={self.noops}, random={self.random})"
+
+
+class FrameSkip(Transform):
+    """Repeat every action ``frame_skip`` times, summing rewards and stopping at an episode end; runs inside each
+    gymnasium env (it multiplies the base GymEnv's ``frame_skip``)."""
+
+    def __init__(self, frame_skip: int = 1) -> None:
+        super().__init__()
+        if frame_skip < 1:
+            raise ValueError(f"FrameSkip: frame_skip must be >= 1, got {frame_skip}")
+        self.frame_skip = frame_skip
+        self.__dict__["_configured"] = None
+
+    def _attached(self, env: TransformedEnv) -> None:
+        base = _closed_gym_env(env, f"FrameSkip({self.frame_skip})")
+        assert base is not None
+        if self.__dict__["_configured"] is base:
+            return
+        base.frame_skip *= self.frame_skip
+        self.__dict__["_configured"] = base
+
+    def __repr__(self) -> str:
+        return f"FrameSkip(frame_skip={self.frame_skip})"
+
+
+class NoopResetWrapper(gym.Wrapper):  # type: ignore[type-arg]
+    """The gymnasium wrapper behind :class:`NoopResetEnv`: 1..``noops`` no-op actions after each reset (action 0,
+    or zeros for Box actions), resetting again if an episode ends during them."""
+
+    def __init__(self, env: gym.Env, noops: int) -> None:  # type: ignore[type-arg]
+        super().__init__(env)
+        self.noops = noops
+        space = env.action_space
+        self.noop_action: Any = np.zeros(space.shape, dtype=space.dtype) if isinstance(space, gym.spaces.Box) else 0
+
+    def reset(self, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
+        obs, info = self.env.reset(**kwargs)
+        for _ in range(int(self.np_random.integers(1, self.noops + 1))):
+            obs, _, terminated, truncated, info = self.env.step(self.noop_action)
+            if terminated or truncated:
+                obs, info = self.env.reset()
+        return obs, info

@@ -1,0 +1,119 @@
+"""Pixel env throughput: our transformed pixel env in an env stage, against a hand-written loop, in one run.
+
+    python tools/bench_envs.py [--frames 3000] [--repeats 3]
+
+Both sides render CartPole-v1 in gymnasium subprocess workers (1 and 2 workers, one env each, observations in
+shared memory) and preprocess the frames the same way in the main process: uint8 HWC → float CHW / 255 →
+grayscale → bilinear resize to 64x64 → a stack of the last 4 frames (restarted at each reset) → normalisation
+with a fixed mean and std. Actions are random.
+
+* **plain**: the loop users write by hand: ``step``, preprocess with torch calls, keep the frame stack.
+* **streamrl**: ``TransformedEnv(GymEnv(..., from_pixels=True), Compose(ToTensorImage(), GrayScale(),
+  Resize(64, 64), CatFrames(4), ObservationNorm(...)))`` stepped by an ``EnvStage`` (a random policy stage,
+  a sink counting frames), chunks of 32 steps; timed from ``streamrl.run`` to its return.
+
+Runs alternate (plain, streamrl, plain, ...) because this machine's speed drifts; the ratio is the median of the
+paired ratios. The last line is JSON: ``{"workers_1": {"streamrl": fps, "plain": fps, "ratio": r}, "workers_2":
+{...}}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+
+import gymnasium as gym
+import torch
+from gymnasium.vector import AutoresetMode
+from gymnasium.wrappers import AddRenderObservation
+from tensordict.nn import TensorDictModuleBase
+
+import streamrl
+from streamrl import EnvStage, GymEnv, Pipeline, PolicyStage
+from streamrl.testing import CountFrames
+from streamrl.transforms import CatFrames, Compose, GrayScale, ObservationNorm, Resize, ToTensorImage, TransformedEnv
+
+GRAY = torch.tensor([0.2989, 0.587, 0.114]).view(3, 1, 1)
+LOC, SCALE = 0.9, 0.2  # a fixed normalisation: (x - LOC) / SCALE
+
+
+def plain_loop(workers: int, frames: int) -> float:
+    envs = gym.make_vec("CartPole-v1", num_envs=workers, vectorization_mode="async", render_mode="rgb_array",
+                        wrappers=[AddRenderObservation],
+                        vector_kwargs={"shared_memory": True, "autoreset_mode": AutoresetMode.SAME_STEP})
+
+    def preprocess(pixels):
+        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
+        x = (x * GRAY).sum(-3, keepdim=True)
+        x = torch.nn.functional.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False)
+        return x
+
+    obs, _ = envs.reset(seed=0)
+    stack = preprocess(obs).repeat(1, 4, 1, 1)
+    steps = frames // workers
+    start = time.perf_counter()
+    for _ in range(steps):
+        obs, reward, terminated, truncated, info = envs.step(envs.action_space.sample())
+        frame = preprocess(obs)
+        stack = torch.cat([stack[:, 1:], frame], dim=1)
+        done = torch.from_numpy(terminated | truncated)
+        if done.any():  # the rows of reset envs restart from their first frame
+            stack[done] = frame[done].repeat(1, 4, 1, 1)
+        policy_input = (stack - LOC) / SCALE  # noqa: F841 - what a policy would read
+    elapsed = time.perf_counter() - start
+    envs.close()
+    return steps * workers / elapsed
+
+
+class RandomAction(TensorDictModuleBase):
+    in_keys, out_keys = ["pixels"], ["action"]
+
+    def forward(self, td):
+        return td.set("action", torch.randint(0, 2, td.batch_size))
+
+
+def pixel_env(workers: int) -> TransformedEnv:
+    base = GymEnv("CartPole-v1", num_envs=workers, from_pixels=True, backend="subprocess", seed=0)
+    norm = ObservationNorm(loc=LOC, scale=SCALE, standard_normal=True, in_keys=["pixels"])
+    return TransformedEnv(base, Compose(ToTensorImage(), GrayScale(), Resize(64, 64), CatFrames(4, dim=-3), norm))
+
+
+def streamrl_pipeline(workers: int, frames: int, steps_per_chunk: int = 32) -> float:
+    p = Pipeline("bench_envs")
+    sink = CountFrames("sink")
+    p.add(EnvStage("env", pixel_env(workers), frames_per_chunk=workers * steps_per_chunk, total_frames=frames),
+          PolicyStage("policy", RandomAction()), sink)
+    p.connect("env.requests", "policy.requests", capacity=1)
+    p.connect("policy.actions", "env.actions", capacity=1)
+    p.connect("env.chunks", "sink.chunks", capacity=4)
+    with tempfile.TemporaryDirectory() as run_dir:
+        start = time.perf_counter()
+        streamrl.run(p, run_dir, handle_signals=False)
+        elapsed = time.perf_counter() - start
+    return sink.frames / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--frames", type=int, default=3000, help="frames per segment and side")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating segments per side (median)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    results = {}
+    for workers in (1, 2):
+        plain, ours = [], []
+        for _ in range(args.repeats):
+            plain.append(plain_loop(workers, args.frames))
+            ours.append(streamrl_pipeline(workers, args.frames))
+        p, s = statistics.median(plain), statistics.median(ours)
+        ratio = statistics.median(x / y for x, y in zip(ours, plain, strict=True))
+        print(f"{workers} worker(s): plain {p:8,.0f} frames/s   streamrl {s:8,.0f} frames/s   ratio {ratio:.3f}")
+        results[f"workers_{workers}"] = {"streamrl": round(s, 1), "plain": round(p, 1), "ratio": round(ratio, 3)}
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
