@@ -115,15 +115,7 @@ class EnvStage(Stage):
                 else:
                     result = vector_env.step(action)
                 add(action, *result)
-            chunk, episodes = builder.emit()
-            chunk_frames = episodes.pop("frames")
-            self.frames += chunk_frames
-            self.chunks += 1
-            await ctx.publish(
-                "chunk", frames=self.frames, chunk_frames=chunk_frames, policy_version=builder.version,
-                chunk=chunk, **episodes,
-            )
-            await chunks.send(chunk)
+            await self._send_chunk(ctx, chunks, builder)
 
     async def _run_tensordict(self, ctx: StageContext, seed: int) -> None:
         """Any env with the TensorDict API (transforms, pixels): each step runs in a worker thread, so that the
@@ -147,15 +139,17 @@ class EnvStage(Stage):
                     builder.drop = set(td.keys()) - before - {"action", *self.record}
                 td, root = await anyio.to_thread.run_sync(env.step_and_maybe_reset, td)
                 builder.add(td)
-            chunk, episodes = builder.emit()
-            chunk_frames = episodes.pop("frames")
-            self.frames += chunk_frames
-            self.chunks += 1
-            await ctx.publish(
-                "chunk", frames=self.frames, chunk_frames=chunk_frames, policy_version=builder.version,
-                chunk=chunk, **episodes,
-            )
-            await chunks.send(chunk)
+            await self._send_chunk(ctx, chunks, builder)
+
+    async def _send_chunk(self, ctx: StageContext, chunks: Any, builder: ChunkBuilder | TensorDictChunkBuilder) -> None:
+        """Publish the finished chunk (lockstep hooks may edit it, as TorchRL's ``batch_process``), then send it."""
+        chunk, episodes = builder.emit()
+        chunk_frames = episodes.pop("frames")
+        self.frames += chunk_frames
+        self.chunks += 1
+        await ctx.publish("chunk", frames=self.frames, chunk_frames=chunk_frames, policy_version=builder.version,
+                          chunk=chunk, **episodes)
+        await chunks.send(chunk)
 
     async def close(self, ctx: StageContext) -> None:
         self.env.close()
