@@ -123,6 +123,30 @@ class StopAfterFrames(Hook):
             self.run.request_stop(f"{self.frames} frames seen by {self.name}")
 
 
+def collection_fps(env: Any, policy: Any, *, frames: int, frames_per_chunk: int) -> float:
+    """Frames per second of an env stage + policy stage + a :class:`CountFrames` sink, timed from
+    ``streamrl.run`` to its return (start-up and shutdown included); for the collection benchmarks."""
+    import tempfile
+
+    from streamrl.pipeline import Pipeline
+    from streamrl.runtime import run
+    from streamrl.stages.env import EnvStage
+    from streamrl.stages.policy import PolicyStage
+
+    p = Pipeline("collection")
+    sink = CountFrames("sink")  # env steps x envs (chunk.numel())
+    p.add(EnvStage("env", env, frames_per_chunk=frames_per_chunk, total_frames=frames), PolicyStage("policy", policy),
+          sink)
+    p.connect("env.requests", "policy.requests", capacity=1)
+    p.connect("policy.actions", "env.actions", capacity=1)
+    p.connect("env.chunks", "sink.chunks", capacity=4)
+    with tempfile.TemporaryDirectory() as run_dir:
+        start = time.perf_counter()
+        run(p, run_dir, handle_signals=False)
+        elapsed = time.perf_counter() - start
+    return sink.frames / elapsed
+
+
 class FailingCartPole(gym.Wrapper):  # type: ignore[type-arg]
     """CartPole that raises ``RuntimeError`` at its ``fail_at``-th step (for crash tests).
 

@@ -190,3 +190,18 @@ def test_env_stage_runs_an_env_with_the_tensordict_api(tmp_path):
     assert chunk["traj_id"].tolist()[0][0] == 0 and (chunk["policy_version"] == 0).all()
     steps = torch.cat([c["step_count"] for c in sink.items], dim=1)
     assert steps[:, :4].tolist() == [[0, 1, 2, 3], [0, 1, 2, 3]]
+
+
+def test_one_hot_actions_step_a_discrete_env():
+    class AlwaysRight(TensorDictModuleBase):
+        in_keys, out_keys = ["observation"], ["action"]
+
+        def forward(self, td):
+            return td.set("action", torch.tensor([0, 1]).expand(*td.batch_size, 2))
+
+    env = GymEnv("CartPole-v1", num_envs=2, seed=0)
+    one_hot = env.rollout(200, AlwaysRight())
+    env.set_seed(0)
+    index = env.rollout(200, lambda td: td.set("action", torch.ones(td.batch_size, dtype=torch.int64)))
+    assert torch.equal(one_hot["next", "observation"], index["next", "observation"])  # the same pushes right
+    env.close()

@@ -27,16 +27,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
 
 import gymnasium as gym
 import numpy as np
 import torch
 
-import streamrl
-from streamrl import MLP, EnvStage, GymEnv, Pipeline, PolicyStage, QValueActor
-from streamrl.testing import CountFrames
+from streamrl import MLP, GymEnv, QValueActor
+from streamrl.testing import collection_fps
 
 
 def make_net() -> torch.nn.Module:
@@ -80,22 +78,8 @@ def plain_loop(num_envs: int, frames: int, steps_per_chunk: int = 256, store: bo
 
 def streamrl_pipeline(num_envs: int, frames: int, steps_per_chunk: int = 256) -> float:
     """Frames per second of env stage + policy stage + sink, whole run (start-up and shutdown included)."""
-    p = Pipeline("bench_collect")
-    sink = CountFrames("sink")  # counts env steps x envs (chunk.numel()), as the plain loop does
-    p.add(
-        EnvStage("env", GymEnv("CartPole-v1", num_envs=num_envs, seed=0),
-                 frames_per_chunk=num_envs * steps_per_chunk, total_frames=frames),
-        PolicyStage("policy", QValueActor(make_net())),
-        sink,
-    )
-    p.connect("env.requests", "policy.requests", capacity=1)
-    p.connect("policy.actions", "env.actions", capacity=1)
-    p.connect("env.chunks", "sink.chunks", capacity=4)
-    with tempfile.TemporaryDirectory() as run_dir:
-        start = time.perf_counter()
-        streamrl.run(p, run_dir, handle_signals=False)
-        elapsed = time.perf_counter() - start
-    return sink.frames / elapsed
+    env = GymEnv("CartPole-v1", num_envs=num_envs, seed=0)
+    return collection_fps(env, QValueActor(make_net()), frames=frames, frames_per_chunk=num_envs * steps_per_chunk)
 
 
 def main() -> None:

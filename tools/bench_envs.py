@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
 
 import gymnasium as gym
@@ -31,9 +30,8 @@ from gymnasium.vector import AutoresetMode
 from gymnasium.wrappers import AddRenderObservation
 from tensordict.nn import TensorDictModuleBase
 
-import streamrl
-from streamrl import EnvStage, GymEnv, Pipeline, PolicyStage
-from streamrl.testing import CountFrames
+from streamrl import GymEnv
+from streamrl.testing import collection_fps
 from streamrl.transforms import CatFrames, Compose, GrayScale, ObservationNorm, Resize, ToTensorImage, TransformedEnv
 
 GRAY = torch.tensor([0.2989, 0.587, 0.114]).view(3, 1, 1)
@@ -82,18 +80,7 @@ def pixel_env(workers: int) -> TransformedEnv:
 
 
 def streamrl_pipeline(workers: int, frames: int, steps_per_chunk: int = 32) -> float:
-    p = Pipeline("bench_envs")
-    sink = CountFrames("sink")
-    p.add(EnvStage("env", pixel_env(workers), frames_per_chunk=workers * steps_per_chunk, total_frames=frames),
-          PolicyStage("policy", RandomAction()), sink)
-    p.connect("env.requests", "policy.requests", capacity=1)
-    p.connect("policy.actions", "env.actions", capacity=1)
-    p.connect("env.chunks", "sink.chunks", capacity=4)
-    with tempfile.TemporaryDirectory() as run_dir:
-        start = time.perf_counter()
-        streamrl.run(p, run_dir, handle_signals=False)
-        elapsed = time.perf_counter() - start
-    return sink.frames / elapsed
+    return collection_fps(pixel_env(workers), RandomAction(), frames=frames, frames_per_chunk=workers * steps_per_chunk)
 
 
 def main() -> None:

@@ -41,14 +41,8 @@ from gymnasium.wrappers import AddRenderObservation
 from tensordict import TensorDict, TensorDictBase
 
 from streamrl.envs.base import EnvBase, as_tensordict
-from streamrl.envs.specs import Composite, OneHot, Spec, spec_from_space
-from streamrl.envs.workers import (
-    async_vector_env,
-    close_vector_env,
-    raise_for_worker_failure,
-    raise_if_workers_died,
-    watch_workers,
-)
+from streamrl.envs.specs import Categorical, Composite, Spec, spec_from_space
+from streamrl.envs.workers import async_vector_env, raise_if_workers_died, watch_workers
 from streamrl.errors import EnvError
 
 Backend = Literal["auto", "native", "sync", "subprocess"]
@@ -183,13 +177,16 @@ class GymEnv(EnvBase):
         else:
             raise EnvError(f"env {self.name!r} uses auto-reset mode {mode}; streamrl supports NEXT_STEP and SAME_STEP")
         self.resolved_backend = backend
+        action = spec_from_space(self._env.single_action_space)
+        # dims of an index action batch: a policy writing one-hot actions (one more dim) gets them converted
+        self._index_ndim = 1 + len(action.shape) if isinstance(action, Categorical) else None
 
     def close(self) -> None:
         """Close the vector env. Subprocess workers get a few seconds to close their envs, then are terminated
         (killed if need be): a dead or stuck worker never makes this hang or raise, and none is left running."""
         if self._env is not None:
             env, self._env = self._env, None
-            close_vector_env(env)
+            env.close()  # WatchWorkers.close for subprocess workers: bounded, reaps every worker
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -233,7 +230,7 @@ class GymEnv(EnvBase):
         if self._current is None:
             raise EnvError(f"GymEnv({self.name!r}).step called before reset(); call env.reset() first")
         action = td.get("action").detach().cpu().numpy()
-        if isinstance(self.action_spec, OneHot):
+        if self._index_ndim is not None and action.ndim > self._index_ndim:  # one-hot actions for a Discrete space
             action = action.argmax(-1)
         step = self.step_arrays(action)
         self._current = self._keyed(step.observation)
@@ -308,14 +305,10 @@ class GymEnv(EnvBase):
         """Take the workers' answers to ``step_async``.
 
         A worker that died raises :class:`~streamrl.errors.EnvWorkerDied`, one whose env raised an
-        :class:`~streamrl.errors.EnvError` with the original message; both name the env and the worker.
+        :class:`~streamrl.errors.EnvError` with the original message; both name the env and the worker (the
+        vector env is wrapped in :class:`~streamrl.envs.workers.WatchWorkers` when it opens).
         """
-        try:
-            result = self._env.step_wait()
-        except Exception as exc:
-            raise_for_worker_failure(self._env, self.name, exc)
-            raise
-        return self._convert(*result)
+        return self._convert(*self._env.step_wait())  # failures translated by WatchWorkers
 
     @property
     def vector_env(self) -> Any:

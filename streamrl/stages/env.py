@@ -129,12 +129,13 @@ class EnvStage(Stage):
         while not ctx.stopping and (total is None or self.frames < total):
             for t in range(self.steps_per_chunk):
                 request = StepRequest(root, self.group)
-                request.new_chunk = t == 0
-                before = set(root.keys())
+                request.new_chunk = first = t == 0
+                if first:
+                    before = set(root.keys())
                 await requests.send(request)
                 answer = await receive_answer()
                 td = answer.td
-                if t == 0:
+                if first:  # the policy's outputs are the same every step: decide once which are not recorded
                     builder.version = answer.version
                     builder.drop = set(td.keys()) - before - {"action", *self.record}
                 td, root = await anyio.to_thread.run_sync(env.step_and_maybe_reset, td)

@@ -272,6 +272,7 @@ class TransformedEnv(EnvBase):
         if not isinstance(base_env, EnvBase):
             raise TypeError(f"TransformedEnv wraps an EnvBase (GymEnv, TransformedEnv...), got {base_env!r}")
         self.base_env = base_env
+        self.num_envs, self.batch_size, self.device = base_env.num_envs, base_env.batch_size, base_env.device
         if transform is None:
             transform = Compose()
         elif not isinstance(transform, Compose):
@@ -293,31 +294,6 @@ class TransformedEnv(EnvBase):
     def insert_transform(self, index: int, transform: Transform) -> TransformedEnv:
         self._transform.insert(index, transform)
         return self
-
-    # -- what follows the base env -------------------------------------------------------------------------
-    @property
-    def num_envs(self) -> int:
-        return self.base_env.num_envs
-
-    @num_envs.setter
-    def num_envs(self, value: int) -> None:
-        raise AttributeError("TransformedEnv.num_envs follows the base env; set it there")
-
-    @property
-    def batch_size(self) -> torch.Size:
-        return self.base_env.batch_size
-
-    @batch_size.setter
-    def batch_size(self, value: torch.Size) -> None:
-        raise AttributeError("TransformedEnv.batch_size follows the base env; set it there")
-
-    @property
-    def device(self) -> torch.device:
-        return self.base_env.device
-
-    @device.setter
-    def device(self, value: torch.device) -> None:
-        raise AttributeError("TransformedEnv.device follows the base env; set it there")
 
     @property
     def seed(self) -> int | None:

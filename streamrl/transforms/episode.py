@@ -22,6 +22,7 @@ yet. For the same reason ``StepCounter(max_steps)`` on a GymEnv also sets gymnas
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,7 +50,7 @@ def _closed_gym_env(env: TransformedEnv, who: str, *, required: bool = True) -> 
     return base
 
 
-class _PerEnv(Transform):
+class _PerEnv(Transform, ABC):
     """A running per-env value (``[*batch, 1]``) reset on masked rows; see StepCounter and RewardSum."""
 
     dtype: torch.dtype
@@ -71,8 +72,9 @@ class _PerEnv(Transform):
         td.set(self.out_keys[0], value)
         return td
 
+    @abstractmethod
     def _increment(self, next_td: TensorDictBase) -> torch.Tensor:
-        raise NotImplementedError
+        """``[*batch, 1]``: what one env step adds (1 for a step, its reward)."""
 
     def _step(self, td: TensorDictBase, next_td: TensorDictBase) -> TensorDictBase:
         if self._value is None:
@@ -81,9 +83,9 @@ class _PerEnv(Transform):
         next_td.set(self.out_keys[0], self._value)
         return next_td
 
+    @abstractmethod
     def _per_row(self, td: TensorDictBase) -> torch.Tensor:
-        """``[B, T]``: what each row adds (1 for a step, its reward)."""
-        raise NotImplementedError
+        """``[B, T]``: what each row of a chunk adds (1 for a step, its reward)."""
 
     def _chunk(self, td: TensorDictBase, *, carry: bool) -> TensorDictBase:
         batch = td.batch_size
