@@ -1,6 +1,7 @@
 """DQN on CartPole-v1, as a streaming pipeline.
 
     streamrl run pipelines/dqn_cartpole.py --seed 0
+    streamrl run pipelines/dqn_cartpole.py --set prioritized=true      # prioritized replay
 
 Collection (envs + epsilon-greedy policy) runs in a worker process; the replay store, the sampler and the
 learner run in the main process; the learner publishes its weights to the policy every few updates. The run
@@ -33,6 +34,8 @@ from streamrl import (
     MetricsCSV,
     Pipeline,
     PolicyStage,
+    PrioritizedSampler,
+    PriorityUpdate,
     ProgressBar,
     QValueActor,
     RateLimiter,
@@ -63,6 +66,13 @@ class Config:
     """Replay capacity in transitions (a zarr store in the run directory)."""
     batch_size: int = 128
     """Transitions per learner update."""
+    prioritized: bool = False
+    """Prioritized replay: sample transitions in proportion to |TD error| ** alpha, weight the loss by importance
+    weights, and update priorities after each loss."""
+    alpha: float = 0.6
+    """Prioritized replay: how strongly priorities shape sampling (0: uniform)."""
+    beta: float = 0.4
+    """Prioritized replay: importance-weight exponent (1: fully corrects the sampling bias)."""
     updates_per_frame: float = 0.125
     """Learner updates per collected frame, kept by the replay rate limiter."""
     min_fill: int = 1_000
@@ -87,6 +97,8 @@ class Config:
     """Learner updates between weight publications to the policy."""
     eval_every: int = 2_000
     """Frames between evaluations (20 greedy episodes)."""
+    checkpoint_every: int = 20_000
+    """Frames between checkpoints (what ``--resume`` starts from after a crash); one is also saved at the end."""
     eval_episodes: int = 20
     """Episodes per evaluation."""
     target_return: float = 475.0
@@ -108,10 +120,11 @@ def build(cfg: Config) -> Pipeline:
     loss = DQNLoss(actor, gamma=cfg.gamma, double_dqn=True, loss="smooth_l1")
     optimizer = torch.optim.Adam(loss.value_net.parameters(), lr=cfg.lr, fused=True)
 
-    # Replay: a zarr store paced by a samples-per-insert rate limiter.
+    # Replay: a zarr store paced by a samples-per-insert rate limiter; uniform or prioritized sampling.
     samples_per_insert = cfg.updates_per_frame * cfg.batch_size
     replay = ReplayBuffer(
         ZarrStorage(cfg.buffer_size),
+        sampler=PrioritizedSampler(alpha=cfg.alpha, beta=cfg.beta) if cfg.prioritized else None,
         batch_size=cfg.batch_size,
         limiter=RateLimiter(samples_per_insert=samples_per_insert, min_fill=cfg.min_fill,
                             tolerance=samples_per_insert * cfg.frames_per_chunk,  # a chunk of slack
@@ -142,6 +155,8 @@ def build(cfg: Config) -> Pipeline:
         ProgressBar(cfg.total_frames),
         EventLog(),
         MetricsCSV(every_frames=cfg.eval_every),
-        Checkpoint(learner),
+        Checkpoint(every_frames=cfg.checkpoint_every),
     )
+    if cfg.prioritized:
+        p.add_hook(PriorityUpdate(replay))  # TD errors -> priorities, after every loss
     return p

@@ -37,6 +37,7 @@ _EXPORTS: dict[str, str] = {
     "Event": "streamrl.events",
     "EventBus": "streamrl.events",
     "EventLog": "streamrl.hooks.logging",
+    "FifoSampler": "streamrl.replay.samplers",
     "FrameSkip": "streamrl.transforms.episode",
     "GrayScale": "streamrl.transforms.image",
     "GymEnv": "streamrl.envs.gym",
@@ -51,6 +52,8 @@ _EXPORTS: dict[str, str] = {
     "Pipeline": "streamrl.pipeline",
     "PipelineError": "streamrl.errors",
     "PolicyStage": "streamrl.stages.policy",
+    "PrioritizedSampler": "streamrl.replay.samplers",
+    "PriorityUpdate": "streamrl.hooks.priority",
     "ProgressBar": "streamrl.hooks.progress",
     "QValueActor": "streamrl.modules.actors",
     "RamStorage": "streamrl.replay.storage",
@@ -64,7 +67,9 @@ _EXPORTS: dict[str, str] = {
     "RunContext": "streamrl.runtime",
     "RunResult": "streamrl.runtime",
     "SamplerStage": "streamrl.stages.replay",
+    "SamplerWithoutReplacement": "streamrl.replay.samplers",
     "SendStream": "streamrl.streams",
+    "SliceSampler": "streamrl.replay.samplers",
     "SoftUpdate": "streamrl.objectives.updaters",
     "Spec": "streamrl.envs.specs",
     "Stage": "streamrl.stages.base",
@@ -75,6 +80,7 @@ _EXPORTS: dict[str, str] = {
     "StreamError": "streamrl.errors",
     "StreamRLError": "streamrl.errors",
     "StreamStatistics": "streamrl.streams",
+    "SumTree": "streamrl.replay.sumtree",
     "TargetNetworkUpdate": "streamrl.hooks.schedules",
     "ToTensorImage": "streamrl.transforms.image",
     "Transform": "streamrl.transforms.base",
@@ -86,7 +92,7 @@ _EXPORTS: dict[str, str] = {
     "WorkerDied": "streamrl.errors",
     "WouldBlock": "streamrl.errors",
     "WriterStage": "streamrl.stages.replay",
-    "ZarrStorage": "streamrl.replay.storage",
+    "ZarrStorage": "streamrl.replay.zarr_store",
     "evaluate": "streamrl.hooks.eval",
     "open_stream": "streamrl.streams",
     "run": "streamrl.runtime",
@@ -115,6 +121,7 @@ if TYPE_CHECKING:
     from streamrl.hooks.checkpoint import Checkpoint
     from streamrl.hooks.eval import Evaluate, evaluate
     from streamrl.hooks.logging import EventLog, MetricsCSV
+    from streamrl.hooks.priority import PriorityUpdate
     from streamrl.hooks.progress import ProgressBar
     from streamrl.hooks.schedules import EpsilonAnnealing, TargetNetworkUpdate
     from streamrl.modules.actors import QValueActor
@@ -125,8 +132,16 @@ if TYPE_CHECKING:
     from streamrl.pipeline import Pipeline
     from streamrl.replay.buffer import ReplayBuffer
     from streamrl.replay.ratelimit import RateLimiter
-    from streamrl.replay.samplers import UniformSampler
-    from streamrl.replay.storage import RamStorage, ZarrStorage
+    from streamrl.replay.samplers import (
+        FifoSampler,
+        PrioritizedSampler,
+        SamplerWithoutReplacement,
+        SliceSampler,
+        UniformSampler,
+    )
+    from streamrl.replay.storage import RamStorage
+    from streamrl.replay.sumtree import SumTree
+    from streamrl.replay.zarr_store import ZarrStorage
     from streamrl.runtime import RunContext, RunResult, run
     from streamrl.stages.base import Stage, StageContext
     from streamrl.stages.env import EnvStage
@@ -179,6 +194,7 @@ __all__ = [
     "Event",
     "EventBus",
     "EventLog",
+    "FifoSampler",
     "FrameSkip",
     "GrayScale",
     "GymEnv",
@@ -193,6 +209,8 @@ __all__ = [
     "Pipeline",
     "PipelineError",
     "PolicyStage",
+    "PrioritizedSampler",
+    "PriorityUpdate",
     "ProgressBar",
     "QValueActor",
     "RamStorage",
@@ -206,7 +224,9 @@ __all__ = [
     "RunContext",
     "RunResult",
     "SamplerStage",
+    "SamplerWithoutReplacement",
     "SendStream",
+    "SliceSampler",
     "SoftUpdate",
     "Spec",
     "Stage",
@@ -217,6 +237,7 @@ __all__ = [
     "StreamError",
     "StreamRLError",
     "StreamStatistics",
+    "SumTree",
     "TargetNetworkUpdate",
     "ToTensorImage",
     "Transform",

@@ -120,6 +120,19 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
     return dataclasses.replace(cfg, **changes)  # type: ignore[type-var]  # checked by is_dataclass above
 
 
+def config_from_record(cls: type, values: dict[str, Any]) -> Any:
+    """The config a run recorded in its ``config.json`` (JSON lists back to the tuples the fields default to)."""
+    defaults = cls()
+    known = {f.name for f in dataclasses.fields(defaults)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"the run's config has fields {unknown} that {cls.__name__} lacks: resume with the "
+                          "pipeline file the run started with")
+    changes = {k: tuple(v) if isinstance(v, list) and isinstance(getattr(defaults, k), tuple) else v
+               for k, v in values.items()}
+    return dataclasses.replace(defaults, **changes)
+
+
 def check_required(cfg: Any) -> None:
     missing = [name for name in REQUIRED_FIELDS if not hasattr(cfg, name)]
     if missing:

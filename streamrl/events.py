@@ -8,7 +8,9 @@ wants and one of two delivery modes:
   A slow lockstep hook slows its publisher; that is the point.
 * **lossy** — the event goes into a bounded buffer (drop-oldest) that the hook drains in its own task. The
   publisher never waits; when the hook falls behind, the oldest events are dropped and counted
-  (``Subscription.dropped``). Use it for logging, progress bars and evaluation.
+  (``Subscription.dropped``). Use it for logging, progress bars and evaluation. Lossy hooks get the event
+  without its tensor payloads (batches, chunks; one-element tensors become numbers), so a lagging hook never
+  holds gigabytes of pixels: anything that needs the tensors is lockstep.
 
 A hook is any object with ``name``, ``events`` (kinds, or ``("*",)`` for all), ``mode`` and ``on_event(event)``
 (sync or async); optional ``start(run)`` and ``close(run)`` open and flush its resources::
@@ -32,6 +34,9 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+import torch
+from tensordict import TensorDictBase
+
 from streamrl.errors import EndOfStream, StageFailed
 from streamrl.streams import ReceiveStream, SendStream, open_stream
 
@@ -50,6 +55,18 @@ class Event:
     source: str
     time: float
     data: dict[str, Any] = field(default_factory=dict)
+
+    def without_tensors(self) -> Event:
+        """The event without tensor payloads (one-element tensors become numbers): what lossy hooks buffer and
+        what crosses to another process, so that a lagging hook never pins batches or chunks in memory."""
+        data = {}
+        for key, value in self.data.items():
+            if isinstance(value, torch.Tensor):
+                if value.numel() == 1:
+                    data[key] = value.item()
+            elif not isinstance(value, TensorDictBase):
+                data[key] = value
+        return Event(self.kind, self.source, self.time, data)
 
 
 class Hook(ABC):
@@ -75,6 +92,13 @@ class Hook(ABC):
 
     async def close(self, run: RunContext) -> None:
         """Flush and release; called once on every exit path."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of this hook (hooks in the main process only)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned, when a run resumes."""
 
 
 class FunctionHook(Hook):
@@ -115,7 +139,7 @@ class Subscription:
     async def deliver(self, event: Event) -> None:
         if self._send is not None:
             if not self._send.closed:
-                self._send.send_nowait(event)
+                self._send.send_nowait(event.without_tensors())
             return
         self.delivered += 1
         try:

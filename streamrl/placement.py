@@ -253,18 +253,6 @@ class _Bridge:
             out.local.close()
 
 
-def _portable(event: Event) -> Event:
-    """The event without tensor payloads, for the trip to another process."""
-    data = {}
-    for key, value in event.data.items():
-        if isinstance(value, torch.Tensor):
-            if value.numel() == 1:
-                data[key] = value.item()
-        elif not isinstance(value, TensorDictBase):
-            data[key] = value
-    return Event(event.kind, event.source, event.time, data)
-
-
 class _Elsewhere(Stage):
     """Stands for a stage of another process, so that the worker can wire its side of the edges."""
 
@@ -514,7 +502,7 @@ async def _worker_body(sock: socket.socket, spec: _WorkerSpec) -> int:
                 pass
 
     async def forward(event: Event) -> None:
-        await channel.send(("event", _portable(event)))
+        await channel.send(("event", event.without_tensors()))
 
     bridge = _Bridge(
         channel,

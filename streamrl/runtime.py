@@ -98,6 +98,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def restore_rng(state: dict[str, Any]) -> None:
+    """Set torch's, numpy's and Python's RNGs to a checkpoint's states."""
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
 class RunContext:
     """Shared by the stages and hooks of one process: run directory, device, seed, bus, stop flag."""
 
@@ -111,6 +118,7 @@ class RunContext:
         config: Any = None,
         process: str = MAIN,
         recorder: RunRecorder | None = None,
+        pipeline: Pipeline | None = None,
     ) -> None:
         self.run_dir = run_dir
         self.bus = bus
@@ -119,6 +127,7 @@ class RunContext:
         self.config = config
         self.process = process
         self.recorder = recorder
+        self.pipeline = pipeline  # the main process's: what a checkpoint saves
         self.stopping = False
         self.stop_reason: str | None = None
         self.stop_event = anyio.Event()
@@ -231,13 +240,18 @@ async def run_async(
     handle_signals: bool = True,
     drain_timeout: float = 5.0,
     preload: list[tuple[str, str]] | None = None,
+    resume: dict[str, Any] | None = None,
 ) -> RunResult:
-    """Run ``pipeline`` inside the current event loop; see the module docstring."""
+    """Run ``pipeline`` inside the current event loop; see the module docstring.
+
+    ``resume``: a checkpoint (:func:`streamrl.resume.load_checkpoint`) already loaded into the pipeline's stages
+    and hooks (:func:`streamrl.resume.restore`); the run continues its frame count and RNG streams.
+    """
     pipeline.validate()
     handle_signals = handle_signals and threading.current_thread() is threading.main_thread()
     with torch.inference_mode(not any(s.needs_grad for s in pipeline.stages_in(MAIN))), calm_gc():
         return await _run_validated(pipeline, run_dir, seed=seed, device=device, handle_signals=handle_signals,
-                                    drain_timeout=drain_timeout, preload=preload)
+                                    drain_timeout=drain_timeout, preload=preload, resume=resume)
 
 
 async def _run_validated(
@@ -249,6 +263,7 @@ async def _run_validated(
     handle_signals: bool,
     drain_timeout: float,
     preload: list[tuple[str, str]] | None,
+    resume: dict[str, Any] | None,
 ) -> RunResult:
     from streamrl.placement import WorkerGroup  # placement imports the runtime
 
@@ -256,10 +271,14 @@ async def _run_validated(
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(seed)
     recorder = RunRecorder()
+    if resume is not None:
+        restore_rng(resume["rng"])
+        recorder.frames_by_source.update(resume["progress"])  # hooks schedule from the resumed frame count
+        recorder.resumed_from = resume["frames"]
     bus = EventBus()
     bus.subscribe(recorder.on_event, ("chunk", "optim_step", "weights", "eval"), name="recorder")
     run = RunContext(run_dir, bus=bus, device=resolve_device(device), seed=seed, config=pipeline.config,
-                     recorder=recorder)
+                     recorder=recorder, pipeline=pipeline)
     wiring: Wiring = wire(pipeline, MAIN)
     contexts = [
         StageContext(stage, run, wiring.inputs[stage.name], wiring.outputs[stage.name])
@@ -418,13 +437,14 @@ def run(
     handle_signals: bool = True,
     drain_timeout: float = 5.0,
     preload: list[tuple[str, str]] | None = None,
+    resume: dict[str, Any] | None = None,
 ) -> RunResult:
-    """Run ``pipeline`` to completion in a fresh event loop (asyncio backend); see the module docstring."""
+    """Run ``pipeline`` to completion in a fresh event loop (asyncio backend); see :func:`run_async`."""
 
     async def main() -> RunResult:
         return await run_async(
             pipeline, run_dir, seed=seed, device=device, handle_signals=handle_signals,
-            drain_timeout=drain_timeout, preload=preload,
+            drain_timeout=drain_timeout, preload=preload, resume=resume,
         )
 
     result: RunResult = anyio.run(main, backend="asyncio", backend_options=loop_options())

@@ -45,7 +45,7 @@ class RunRecorder:
 
     def __init__(self) -> None:
         self.frames_by_source: dict[str, int] = {}
-        self.frames_offset = 0  # frames of earlier segments of a resumed run
+        self.resumed_from: int | None = None  # frames of the checkpoint a resumed run started from
         self.episodes = 0
         self.last_episode_return: float | None = None
         self.eval_return_last: float | None = None
@@ -63,7 +63,7 @@ class RunRecorder:
 
     @property
     def frames(self) -> int:
-        return self.frames_offset + sum(self.frames_by_source.values())
+        return sum(self.frames_by_source.values())
 
     def on_event(self, event: Event) -> None:
         data = event.data
@@ -98,10 +98,12 @@ class RunRecorder:
 
     def figures(self, wall_s: float) -> dict[str, Any]:
         frames = self.frames
+        new_frames = frames - (self.resumed_from or 0)
         return {
             "frames": frames,
+            "resumed_from": self.resumed_from,
             "wall_s": round(wall_s, 3),
-            "frames_per_s": round(frames / wall_s, 1) if wall_s > 0 else 0.0,
+            "frames_per_s": round(new_frames / wall_s, 1) if wall_s > 0 else 0.0,
             "episodes": self.episodes,
             "optim_steps": self.optim_steps,
             "policy_version": self.policy_version,

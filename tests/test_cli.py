@@ -103,7 +103,7 @@ def test_tiny_pixel_dqn_run_through_the_cli(tmp_path):
     proc = streamrl("run", str(ROOT / "pipelines" / "dqn_cartpole_pixels.py"), "--out", str(out),
                     "--set", "total_frames=256", "--set", "num_envs=2", "--set", "frames_per_chunk=32",
                     "--set", "min_fill=64", "--set", "batch_size=8", "--set", "init_stats_steps=8",
-                    "--set", "image_size=32", "--set", "eval_every=128", "--set", "eval_episodes=1",
+                    "--set", "image_size=48", "--set", "eval_every=128", "--set", "eval_episodes=1",
                     "--set", "buffer_size=512")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((out / "summary.json").read_text())

@@ -208,3 +208,18 @@ def test_close_after_a_failed_step_left_a_call_pending_does_not_hang(opened):
     asyncio.run(asyncio.wait_for(env.wait_ready(), 5))
     os.kill(pids[0], signal.SIGKILL)  # its answer is in the pipe; gymnasium still waits on a step
     closes_fast(env)
+
+
+def test_a_script_that_never_closes_a_pixel_env_still_exits():
+    # SDL (pygame) catches SIGTERM in each rendering worker unless told not to; then the interpreter's exit, which
+    # terminates and joins daemonic workers, waits forever.
+    import subprocess
+    import sys
+
+    script = ("from streamrl import GymEnv\n"
+              "env = GymEnv('CartPole-v1', num_envs=2, from_pixels=True, backend='subprocess')\n"
+              "env.reset()\n")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SDL_")}
+    done = subprocess.run([sys.executable, "-c", script], env=clean, timeout=30, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "XDG_RUNTIME_DIR" not in done.stderr  # no display or sound card looked for

@@ -75,3 +75,19 @@ def test_pipeline_on_registers_a_plain_function(tmp_path):
     p.on("tick", lambda e: seen.append(e.data["i"]))
     streamrl.run(p, tmp_path, handle_signals=False)
     assert seen == [0, 1, 2]
+
+
+async def test_a_lossy_hook_buffers_events_without_their_tensors():
+    import torch
+    from tensordict import TensorDict
+
+    bus = EventBus()
+    buffered, direct = [], []
+    sub = bus.subscribe(buffered.append, ["loss"], mode="lossy", capacity=8)
+    bus.subscribe(direct.append, ["loss"])
+    batch = TensorDict({"pixels": torch.zeros(64, 4, 64, 64)}, batch_size=[64])
+    await bus.publish("loss", "learner", {"batch": batch, "loss": torch.tensor(0.5), "td": torch.ones(3), "step": 7})
+    bus.close()
+    await sub.drain()
+    assert direct[0].data["batch"] is batch  # lockstep hooks get the tensors
+    assert buffered[0].data == {"loss": 0.5, "step": 7}  # nothing pins the batch while a lossy hook lags

@@ -194,3 +194,24 @@ async def test_a_batch_larger_than_the_band_is_rejected_instead_of_deadlocking()
     limiter.inserted(200)
     with pytest.raises(ConfigError, match="batches of 128 rows need tolerance >= 64"):
         await limiter.wait_sample(128)
+
+
+@pytest.mark.parametrize("zarr_store", [False, True])
+def test_trajectory_rows_store_each_envs_steps_whole(tmp_path, zarr_store):
+    chunks = random_chunks(3, num_envs=4, steps=16)
+    storage = ZarrStorage(8, path=tmp_path / "traj.zarr", block_rows=4) if zarr_store else RamStorage(8)
+    rb = ReplayBuffer(storage, batch_size=5, trajectories=True)
+    for chunk in chunks:
+        rb.extend(chunk)
+    assert len(rb) == 8  # rows are trajectories: 3 chunks x 4 envs, the ring keeps the newest 8
+    batch = rb.sample()
+    assert batch.batch_size == (5, 16)
+    kept = torch.cat([c for c in chunks])[4:]  # the last two chunks' env rows, in write order
+    for b in range(5):
+        slot = int(batch["index"][b, 0])
+        assert (batch["index"][b] == slot).all()
+        row = kept[(slot - 12) % 8]
+        assert torch.equal(batch["observation"][b], row["observation"])
+        assert torch.equal(batch["next", "reward"][b], row["next", "reward"])
+    with pytest.raises(ValueError, match="chunks"):
+        rb.extend(chunks[0].reshape(-1))

@@ -32,8 +32,10 @@ class ChunkBuilder:
     takes the buffers over as they are (no transposition, no copy); fresh buffers are allocated for the next.
     """
 
-    def __init__(self, num_envs: int, steps: int, first_obs: np.ndarray, *, drops_rows: bool) -> None:
-        """``drops_rows``: the env auto-resets on the next step (gymnasium's NEXT_STEP mode)."""
+    def __init__(self, num_envs: int, steps: int, first_obs: np.ndarray, *, drops_rows: bool,
+                 first_traj: int = 0) -> None:
+        """``drops_rows``: the env auto-resets on the next step (gymnasium's NEXT_STEP mode). ``first_traj``:
+        the first ``traj_id`` to hand out."""
         self.num_envs = num_envs
         self.steps = steps
         self.drops_rows = drops_rows
@@ -47,7 +49,7 @@ class ChunkBuilder:
         self.t = 0
         self._finals: list[tuple[int, np.ndarray, np.ndarray]] = []
         self._ended_last = np.zeros(n, dtype=bool)  # done at the previous chunk's last step
-        self.episodes = EpisodeTracker(n, drops_rows=drops_rows)
+        self.episodes = EpisodeTracker(n, drops_rows=drops_rows, first_traj=first_traj)
 
     def _allocate(self) -> None:
         n, T = self.num_envs, self.steps
@@ -152,11 +154,11 @@ class EpisodeTracker:
     """Episode bookkeeping carried from chunk to chunk: ``traj_id`` and ``step_count`` per row, and the returns
     and lengths of the episodes that end in a chunk."""
 
-    def __init__(self, num_envs: int, *, drops_rows: bool) -> None:
+    def __init__(self, num_envs: int, *, drops_rows: bool, first_traj: int = 0) -> None:
         n = num_envs
         self.drops_rows = drops_rows
-        self._cur_traj = np.arange(n, dtype=np.int64)
-        self._next_traj = n
+        self._cur_traj = first_traj + np.arange(n, dtype=np.int64)
+        self._next_traj = first_traj + n
         self._carry_new = np.zeros(n, dtype=bool)
         self._steps_carry = np.zeros(n, dtype=np.int64)
         self._return_carry = np.zeros(n, dtype=np.float64)
@@ -206,13 +208,13 @@ class TensorDictChunkBuilder:
     policy outputs that are not recorded.
     """
 
-    def __init__(self, num_envs: int, steps: int) -> None:
+    def __init__(self, num_envs: int, steps: int, *, first_traj: int = 0) -> None:
         self.num_envs = num_envs
         self.steps = steps
         self.version = 0
         self.drop: set[str] = set()
         self._rows: list[TensorDictBase] = []
-        self.episodes = EpisodeTracker(num_envs, drops_rows=False)
+        self.episodes = EpisodeTracker(num_envs, drops_rows=False, first_traj=first_traj)
 
     def add(self, td: TensorDictBase) -> None:
         self._rows.append(td.exclude(*self.drop) if self.drop else td)

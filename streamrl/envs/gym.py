@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -147,6 +148,8 @@ class GymEnv(EnvBase):
         make_kwargs = dict(self.make_kwargs)
         if self.from_pixels:
             make_kwargs.setdefault("render_mode", "rgb_array")
+            if make_kwargs["render_mode"] == "rgb_array":
+                _headless_sdl()
         try:
             if backend == "native":
                 if self.from_pixels or self.frame_skip > 1:
@@ -401,3 +404,13 @@ class FrameSkipWrapper(gym.Wrapper):  # type: ignore[type-arg]
             if terminated or truncated:
                 break
         return obs, total, terminated, truncated, info
+
+
+def _headless_sdl() -> None:
+    """Off-screen rendering for pygame-based envs (inherited by subprocess workers; explicit settings win).
+
+    SDL otherwise catches SIGTERM in each worker, so ``terminate()`` cannot stop it and an interpreter that exits
+    without closing the env waits on its workers forever; it also looks for a display and sound card it never uses.
+    """
+    for name, value in (("SDL_NO_SIGNAL_HANDLERS", "1"), ("SDL_VIDEODRIVER", "dummy"), ("SDL_AUDIODRIVER", "dummy")):
+        os.environ.setdefault(name, value)

@@ -1,12 +1,20 @@
-"""Checkpoints: the state of the stages (model, optimizer, counters) and RNGs, saved atomically.
+"""Checkpoints: everything ``streamrl run FILE --resume RUN_DIR`` needs, saved atomically.
 
 ::
 
-    pipeline.add_hook(Checkpoint(learner, every_frames=50_000))   # and always at the end of the run
+    pipeline.add_hook(Checkpoint(every_frames=20_000))   # and always at the end of the run
 
-``<run dir>/checkpoint.pt`` is written through a temporary file and a rename, so a crash mid-save leaves the
-previous checkpoint intact. It is saved in ``close``, which the runtime calls on every exit path (Ctrl-C and a
-failed stage included).
+``<run dir>/checkpoint.pt`` holds the state dicts of every stage (model, optimizer, learner counters, the
+replay buffer's rate limiter, sampler and storage; an env's transforms, e.g. normaliser statistics) and of the
+main process's hooks, the frames each collecting stage reached, and the RNG states. Stages in a worker process are
+saved from the main process's copy of them plus the progress their events reported (their frame counts); what
+changes inside a worker while it runs (epsilon, policy weights) follows from the frames and the learner's state.
+A replay store on disk is not copied: the checkpoint names it and :class:`~streamrl.ZarrStorage` reopens it
+with every committed row (rows stored after the checkpoint included). A RAM storage is saved whole.
+
+The file is written through a temporary file and a rename, so a crash mid-save leaves the previous checkpoint
+intact. It is saved in ``close`` too, which the runtime calls on every exit path (Ctrl-C and a failed stage
+included); after ``kill -9`` the last periodic checkpoint is what a resume starts from.
 """
 
 from __future__ import annotations
@@ -20,20 +28,21 @@ import numpy as np
 import torch
 
 from streamrl.events import Event, Hook
+from streamrl.pipeline import MAIN
 from streamrl.runtime import RunContext
-from streamrl.stages.base import Stage
+
+FORMAT = "streamrl.checkpoint/1"
 
 
 class Checkpoint(Hook):
-    """Saves ``stages``' state dicts every ``every_frames`` frames (if set) and at the end."""
+    """Saves the run's state every ``every_frames`` frames (if set) and at the end; see the module docstring."""
 
     events = ("chunk",)
     mode = "lossy"
 
-    def __init__(self, *stages: Stage, every_frames: int | None = None, filename: str = "checkpoint.pt",
+    def __init__(self, *, every_frames: int | None = None, filename: str = "checkpoint.pt",
                  name: str | None = None) -> None:
         super().__init__(name)
-        self.stages = stages
         self.every_frames = every_frames
         self.filename = filename
         self.next_at = every_frames or 0
@@ -41,6 +50,8 @@ class Checkpoint(Hook):
 
     async def start(self, run: RunContext) -> None:
         self.run = run
+        if self.every_frames and run.recorder is not None:
+            self.next_at = run.recorder.frames + self.every_frames
 
     async def on_event(self, event: Event) -> None:
         assert self.run is not None and self.run.recorder is not None
@@ -49,9 +60,20 @@ class Checkpoint(Hook):
             await self.save(self.run)
 
     def payload(self, run: RunContext) -> dict[str, Any]:
+        assert run.pipeline is not None and run.recorder is not None
+        pipeline, progress = run.pipeline, dict(run.recorder.frames_by_source)
+        stages = {}
+        for stage in pipeline.stages.values():
+            state = stage.state_dict()
+            if pipeline.process_of(stage.name) != MAIN and "frames" in state:
+                state["frames"] = progress.get(stage.name, state["frames"])  # the worker's copy is ahead of ours
+            stages[stage.name] = state
         return {
-            "frames": run.recorder.frames if run.recorder is not None else None,
-            "stages": {stage.name: stage.state_dict() for stage in self.stages},
+            "format": FORMAT,
+            "frames": run.recorder.frames,
+            "progress": progress,
+            "stages": stages,
+            "hooks": {hook.name: hook.state_dict() for hook in pipeline.hooks_in(MAIN) if hook is not self},
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
         }
 

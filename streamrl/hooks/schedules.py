@@ -34,9 +34,16 @@ class TargetNetworkUpdate(Hook):
     def state_dict(self) -> dict[str, Any]:
         return self.updater.state_dict()
 
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.updater.load_state_dict(state)
+
 
 class EpsilonAnnealing(Hook):
-    """Advances an :class:`EGreedyModule`'s schedule by the frames of each chunk (``post_steps``)."""
+    """Advances an :class:`EGreedyModule`'s schedule by the frames collected (``post_steps``).
+
+    It follows each collecting stage's frame count, not the chunks it saw, so a resumed run (whose env stages
+    start from the checkpoint's frames) picks the schedule up where it was.
+    """
 
     events = ("chunk",)
     mode = "lockstep"
@@ -44,6 +51,9 @@ class EpsilonAnnealing(Hook):
     def __init__(self, module: EGreedyModule, name: str | None = None) -> None:
         super().__init__(name)
         self.module = module
+        self.frames_by_source: dict[str, int] = {}
 
     def on_event(self, event: Event) -> None:
-        self.module.step(event.data["chunk_frames"])
+        frames = event.data["frames"]
+        self.module.step(frames - self.frames_by_source.get(event.source, 0))
+        self.frames_by_source[event.source] = frames

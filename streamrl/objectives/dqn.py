@@ -11,6 +11,7 @@ The batch holds ``observation``, ``action`` (index or one-hot), and under ``next
 ``terminated`` [B, 1]. The TD target is ``r + gamma^n * (1 - terminated) * Q_target(s', a*)`` where ``a*`` is the
 online network's argmax (double DQN) or the target's (plain DQN). Truncated episodes bootstrap: only
 ``terminated`` cuts the return. ``n`` is 1 unless the batch carries ``("next", "gamma")`` (n-step returns).
+A batch with importance weights ``weight`` [B] (a ``PrioritizedSampler``'s) gives ``mean(weight * elementwise loss)``.
 """
 
 from __future__ import annotations
@@ -79,9 +80,11 @@ class DQNLoss(nn.Module):
             next_q = target_all.gather(-1, best).squeeze(-1)
             target = reward + discount * (1.0 - terminated) * next_q
         if self.loss_type == "smooth_l1":
-            loss = nn.functional.smooth_l1_loss(q, target)
+            elementwise = nn.functional.smooth_l1_loss(q, target, reduction="none")
         else:
-            loss = nn.functional.mse_loss(q, target)
+            elementwise = nn.functional.mse_loss(q, target, reduction="none")
+        weight = batch.get("weight", None)  # importance weights of a PrioritizedSampler
+        loss = (elementwise * weight.reshape(-1)).mean() if weight is not None else elementwise.mean()
         td_error = (q.detach() - target).abs()
         return TensorDict(
             {"loss": loss, "td_error": td_error, "q_value": q.detach().mean(), "target_value": target.mean()},

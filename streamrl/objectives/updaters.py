@@ -39,6 +39,9 @@ class SoftUpdate:
     def state_dict(self) -> dict[str, Any]:
         return {"steps": self.steps}
 
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = state["steps"]
+
 
 class HardUpdate:
     """Copy the online parameters into the target every ``every`` calls to ``step``."""
@@ -59,3 +62,6 @@ class HardUpdate:
 
     def state_dict(self) -> dict[str, Any]:
         return {"steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = state["steps"]

@@ -65,6 +65,7 @@ class EnvStage(Stage):
         self.record = record
         self.frames = 0
         self.chunks = 0
+        self.segment = 0  # how many times the run was resumed: each segment gets fresh traj_ids and env seeds
 
     def _uses_arrays(self) -> bool:
         """The fast path: a plain gymnasium vector env with one ``observation`` array."""
@@ -73,6 +74,7 @@ class EnvStage(Stage):
 
     async def run(self, ctx: StageContext) -> None:
         seed = self.env.seed if self.env.seed is not None else ctx.run.seed + 7919 * self.group
+        seed += 104_729 * self.segment
         if not self._uses_arrays():
             await self._run_tensordict(ctx, seed)
             return
@@ -80,7 +82,7 @@ class EnvStage(Stage):
         assert isinstance(env, GymEnv)
         observation = env.open().reset_arrays(seed=seed)
         builder = ChunkBuilder(env.num_envs, self.steps_per_chunk, observation,
-                               drops_rows=env.autoreset == "next_step")
+                               drops_rows=env.autoreset == "next_step", first_traj=self.first_traj)
         td = TensorDict({"observation": torch.from_numpy(builder.current_obs)}, batch_size=[env.num_envs])
         request = StepRequest(td, self.group)
         requests = ctx.output("requests")
@@ -123,7 +125,7 @@ class EnvStage(Stage):
         env = self.env
         env.set_seed(seed)
         root = await anyio.to_thread.run_sync(env.reset)
-        builder = TensorDictChunkBuilder(env.num_envs, self.steps_per_chunk)
+        builder = TensorDictChunkBuilder(env.num_envs, self.steps_per_chunk, first_traj=self.first_traj)
         requests, receive_answer, chunks = ctx.output("requests"), ctx.input("actions").receive, ctx.output("chunks")
         total = self.total_frames
         while not ctx.stopping and (total is None or self.frames < total):
@@ -155,9 +157,21 @@ class EnvStage(Stage):
     async def close(self, ctx: StageContext) -> None:
         self.env.close()
 
+    @property
+    def first_traj(self) -> int:
+        """The first ``traj_id`` of this segment: ids stay unique in a replay store across resumes."""
+        return self.segment << 40
+
     def state_dict(self) -> dict[str, Any]:
-        return {"frames": self.frames, "chunks": self.chunks}
+        """Frames and chunks so far, and the state of the env's transforms (e.g. normaliser statistics)."""
+        transform = getattr(self.env, "transform", None)
+        return {"frames": self.frames, "chunks": self.chunks, "segment": self.segment,
+                "transform": transform.state_dict() if transform is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue a checkpointed stage: its counts, transforms, and the next segment (new traj_ids, seeds)."""
         self.frames = state["frames"]
         self.chunks = state["chunks"]
+        self.segment = state["segment"] + 1
+        if state.get("transform") is not None:
+            self.env.transform.load_state_dict(state["transform"])  # type: ignore[attr-defined]

@@ -74,7 +74,7 @@ class LearnerStage(Stage):
                 await ctx.publish("batch", batch=batch, step=self.steps)
             out = self.loss(batch)
             if ctx.wants("loss"):
-                await ctx.publish("loss", loss=out, step=self.steps)
+                await ctx.publish("loss", loss=out, batch=batch, step=self.steps)
             self.optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
             grad_norm = None

@@ -9,10 +9,11 @@
     pipeline.connect("sampler.batches", "learner.batches", capacity=4)   # capacity = prefetch depth
 
 The two stages share the buffer (they must run in the same process) and meet only through its rate limiter:
-the writer awaits permission to insert, the sampler awaits permission to sample. A zarr store is flushed in a
-worker thread, block by block, so disk I/O never blocks the event loop; the store is flushed and committed in
-``close`` on every exit path. When the writer's input ends, the sampler drains what the limiter still allows and
-ends too, which ends the learner.
+the writer awaits permission to insert a chunk (counting the rows ``extend`` keeps: the ``valid`` ones), the
+sampler awaits permission to sample. Before its first insert the writer checks that the storage can serve the
+limiter (``RateLimiter.check_capacity``). A zarr store is flushed in a worker thread, block by block, so disk I/O
+never blocks the event loop; the store is flushed and committed in ``close`` on every exit path. When the
+writer's input ends, the sampler drains what the limiter still allows and ends too, which ends the learner.
 """
 
 from __future__ import annotations
@@ -21,10 +22,17 @@ from typing import Any
 
 import anyio
 import torch
+from tensordict import TensorDictBase
 
 from streamrl.replay.buffer import ReplayBuffer
-from streamrl.replay.storage import ZarrStorage
+from streamrl.replay.zarr_store import ZarrStorage
 from streamrl.stages.base import Stage, StageContext
+
+
+def _stored_rows(chunk: TensorDictBase) -> int:
+    """Rows ``ReplayBuffer.extend`` will store from ``chunk``: its ``valid`` ones, or all of them."""
+    valid = chunk.get("valid", None)
+    return int(valid.sum()) if valid is not None else chunk.batch_size.numel()
 
 
 class WriterStage(Stage):
@@ -43,8 +51,9 @@ class WriterStage(Stage):
         limiter = buffer.limiter
         storage = buffer.storage
         try:
+            limiter.check_capacity(storage.capacity)
             async for chunk in ctx.input("chunks"):
-                ctx.extra_wait_s += await limiter.wait_insert()
+                ctx.extra_wait_s += await limiter.wait_insert(_stored_rows(chunk))
                 n = len(buffer.extend(chunk))
                 self.rows += n
                 if isinstance(storage, ZarrStorage) and storage.pending_rows >= storage.block_rows:
@@ -61,6 +70,10 @@ class WriterStage(Stage):
 
     def state_dict(self) -> dict[str, Any]:
         return {"rows": self.rows, "buffer": self.buffer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rows = state["rows"]
+        self.buffer.load_state_dict(state["buffer"])
 
 
 class SamplerStage(Stage):
@@ -84,8 +97,8 @@ class SamplerStage(Stage):
             waited_start = limiter.sample_wait_s
             allowed = await limiter.wait_sample(n)
             ctx.extra_wait_s += limiter.sample_wait_s - waited_start
-            if not allowed or (limiter.inserts_closed and limiter.samples_per_insert is None):
-                return  # inserts ended: no more samples are allowed, or none are paced
+            if not allowed:
+                return  # inserts ended and the limiter allows no more batches
             batch = self.buffer.sample(n)
             limiter.sampled(n)
             if pin:

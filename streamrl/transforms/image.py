@@ -38,10 +38,10 @@ class ToTensorImage(Transform):
     def _apply_transform(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim < 3:
             raise ValueError(f"ToTensorImage expects images [..., H, W, C], got shape {tuple(x.shape)}")
-        out = x.movedim(-1, -3).to(torch.float32)
+        out = x.to(torch.float32)  # converted in the source's (channels-last) layout: one pass, no transposing copy
         if not x.dtype.is_floating_point:
-            out = out / 255.0
-        return out.contiguous()
+            out = out.mul_(1 / 255.0) if out is not x else out / 255.0
+        return out.movedim(-1, -3)
 
 
 class GrayScale(Transform):
@@ -56,9 +56,9 @@ class GrayScale(Transform):
                              f"before it), got shape {tuple(x.shape)}")
         if x.shape[-3] == 1:
             return x
-        r, g, b = x.unbind(dim=-3)
-        wr, wg, wb = GRAY_WEIGHTS
-        gray = wr * r + wg * g + wb * b
+        weights = torch.tensor(GRAY_WEIGHTS, dtype=torch.float32 if not x.is_floating_point() else x.dtype,
+                               device=x.device)
+        gray = x.movedim(-3, -1).to(weights.dtype) @ weights  # a dot product over channels, in one pass
         return gray.unsqueeze(-3).to(x.dtype)
 
 
