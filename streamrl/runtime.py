@@ -275,7 +275,8 @@ async def _run_validated(
         restore_rng(resume["rng"])
         recorder.frames_by_source.update(resume["progress"])  # hooks schedule from the resumed frame count
         recorder.resumed_from = resume["frames"]
-    bus = EventBus()
+    # a resumed run's clock goes on from the checkpoint's, so event times and metrics rows continue
+    bus = EventBus(clock_start=None if resume is None else time.perf_counter() - resume["wall_s"])
     bus.subscribe(recorder.on_event, ("chunk", "optim_step", "weights", "eval"), name="recorder")
     run = RunContext(run_dir, bus=bus, device=resolve_device(device), seed=seed, config=pipeline.config,
                      recorder=recorder, pipeline=pipeline)

@@ -71,6 +71,7 @@ def test_a_killed_run_resumes_with_its_budget_metrics_learner_and_store(tmp_path
     assert rows[: len(before)] == before
     new = rows[len(before):]
     assert new and all(int(r["frames"]) > at for r in new)
+    assert float(new[0]["wall_s"]) > checkpoint["wall_s"]  # the run's clock goes on too
     assert max(int(r["frames"]) for r in new) >= TOTAL - 3_000
     assert (run_dir / "metrics.csv").read_text().count("frames,") == 1
     evals = [float(r["eval_return"]) for r in new if r["eval_return"]]

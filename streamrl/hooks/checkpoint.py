@@ -71,6 +71,7 @@ class Checkpoint(Hook):
         return {
             "format": FORMAT,
             "frames": run.recorder.frames,
+            "wall_s": run.elapsed(),
             "progress": progress,
             "stages": stages,
             "hooks": {hook.name: hook.state_dict() for hook in pipeline.hooks_in(MAIN) if hook is not self},
