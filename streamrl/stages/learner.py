@@ -7,6 +7,13 @@
     pipeline.connect("sampler.batches", "learner.batches", capacity=4)
     pipeline.connect("learner.weights", "policy.weights", capacity=1, overflow="drop_oldest")
 
+On-policy (PPO, A2C): each batch is a whole chunk of fresh frames with advantages; the learner makes ``epochs``
+passes over it in shuffled minibatches of ``minibatch_size`` rows (every row once per epoch), then publishes
+the new weights once::
+
+    learner = LearnerStage("learner", ppo_loss, optimizer, publish=actor, epochs=10, minibatch_size=64,
+                           scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_updates))
+
 Per batch it publishes, in order, the events hooks subscribe to: ``batch`` (lockstep hooks may edit the batch,
 TorchRL's ``process_optim_batch``), ``loss`` (``post_loss``), ``optim_step`` (``post_optim``: target updates,
 schedulers) with the loss, gradient norm and the age of the batch (learner version minus each row's
@@ -46,10 +53,20 @@ class LearnerStage(Stage):
         max_grad_norm: float | None = None,
         device: str | torch.device = "auto",
         log_every: int = 10,
+        epochs: int | None = None,
+        minibatch_size: int | None = None,
+        scheduler: Any = None,
     ) -> None:
         super().__init__(name)
         if publish_every < 1:
             raise ValueError(f"LearnerStage {name!r}: publish_every must be >= 1, got {publish_every}")
+        too_small = epochs is not None and minibatch_size is not None and min(epochs, minibatch_size) < 1
+        if (epochs is None) != (minibatch_size is None) or too_small:
+            raise ValueError(f"LearnerStage {name!r}: on-policy mode takes both epochs >= 1 and minibatch_size >= 1, "
+                             f"got epochs={epochs}, minibatch_size={minibatch_size}")
+        self.epochs = epochs
+        self.minibatch_size = minibatch_size
+        self.scheduler = scheduler
         self.loss = loss
         self.optimizer = optimizer
         self.publish = publish
@@ -64,30 +81,47 @@ class LearnerStage(Stage):
         device = resolve_device(self.device)
         self.loss.to(device)
         weights_out = ctx.output("weights") if ctx.has_output("weights") else None
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self._params = [p for group in self.optimizer.param_groups for p in group["params"]]
         on_cuda = device.type == "cuda"
         async for batch in ctx.input("batches"):
             if batch.device != device:
                 batch = batch.to(device, non_blocking=on_cuda)
-            acting_version = self.version
-            if ctx.wants("batch"):
-                await ctx.publish("batch", batch=batch, step=self.steps)
-            out = self.loss(batch)
-            if ctx.wants("loss"):
-                await ctx.publish("loss", loss=out, batch=batch, step=self.steps)
-            self.optimizer.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            grad_norm = None
-            if self.max_grad_norm is not None:
-                grad_norm = nn.utils.clip_grad_norm_(params, self.max_grad_norm, foreach=True)
-            self.optimizer.step()
-            self.steps += 1
-            if weights_out is not None and self.publish is not None and self.steps % self.publish_every == 0:
-                self.version += 1
-                await weights_out.send(weights_message(self.publish, self.version))
-                await ctx.publish("weights", version=self.version, step=self.steps)
-            await ctx.publish("optim_step", **self._figures(batch, out, grad_norm, acting_version))
-            await anyio.lowlevel.checkpoint()  # other stages run between optimizer steps
+            if self.epochs is None:
+                await self._update(ctx, batch, weights_out, publish=self.steps % self.publish_every
+                                   == self.publish_every - 1)
+                continue
+            rows = batch.reshape(-1)
+            valid = rows.get("valid", None)
+            if valid is not None:  # reset steps of next-step auto-reset envs: not transitions
+                rows = rows.exclude("valid")[valid]
+            minibatches = [idx for _ in range(self.epochs)
+                           for idx in torch.randperm(rows.shape[0], device=device).split(self.minibatch_size)]
+            for i, idx in enumerate(minibatches):
+                await self._update(ctx, rows[idx], weights_out, publish=i == len(minibatches) - 1)
+
+    async def _update(self, ctx: StageContext, batch: Any, weights_out: Any, *, publish: bool) -> None:
+        """One optimizer step on ``batch``; with ``publish``, the new weights go out after it."""
+        acting_version = self.version
+        if ctx.wants("batch"):
+            await ctx.publish("batch", batch=batch, step=self.steps)
+        out = self.loss(batch)
+        if ctx.wants("loss"):
+            await ctx.publish("loss", loss=out, batch=batch, step=self.steps)
+        self.optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        grad_norm = None
+        if self.max_grad_norm is not None:
+            grad_norm = nn.utils.clip_grad_norm_(self._params, self.max_grad_norm, foreach=True)
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.steps += 1
+        if publish and weights_out is not None and self.publish is not None:
+            self.version += 1
+            await weights_out.send(weights_message(self.publish, self.version))
+            await ctx.publish("weights", version=self.version, step=self.steps)
+        await ctx.publish("optim_step", **self._figures(batch, out, grad_norm, acting_version))
+        await anyio.lowlevel.checkpoint()  # other stages run between optimizer steps
 
     def _figures(self, batch: Any, out: Any, grad_norm: torch.Tensor | None, version: int) -> dict[str, Any]:
         figures: dict[str, Any] = {"step": self.steps, "version": self.version}
@@ -105,9 +139,12 @@ class LearnerStage(Stage):
 
     def state_dict(self) -> dict[str, Any]:
         return {"loss": self.loss.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
                 "steps": self.steps, "version": self.version}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.loss.load_state_dict(state["loss"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
         self.steps, self.version = state["steps"], state["version"]

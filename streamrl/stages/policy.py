@@ -14,6 +14,12 @@ Weights arrive on the optional ``weights`` input as TensorDicts ``{"params": ...
 the learner. They are applied only at the first step of a chunk (``StepRequest.new_chunk``), so every transition
 of a chunk was produced by one known ``policy_version``.
 
+On-policy learning bounds how stale the acting weights may be: with ``max_policy_lag=k`` a chunk starts only
+with weights newer than those that acted ``k + 1`` chunks before, waiting for the learner if needed. With a
+learner that publishes once per chunk it trained on (``LearnerStage(epochs=...)``), ``0`` is strictly on-policy
+(collect, learn, collect, ...) and ``1`` collects the next chunk while the learner trains on the last one, its
+data one version old when trained on.
+
 The stage acts with its *own copy* of the policy's parameters (gradients off), even in the learner's process: the
 learner's updates reach it only as published, versioned weights. Modules without parameters (exploration
 schedules such as ``EGreedyModule``) are not copied, so hooks that drive them keep working.
@@ -22,6 +28,7 @@ schedules such as ``EGreedyModule``) are not copied, so hooks that drive them ke
 from __future__ import annotations
 
 import copy
+from collections import deque
 from typing import Any
 
 import torch
@@ -64,8 +71,14 @@ class PolicyStage(Stage):
         weights_module: torch.nn.Module | None = None,
         groups: int = 1,
         device: str | torch.device = "cpu",
+        max_policy_lag: int | None = None,
     ) -> None:
         super().__init__(name)
+        if max_policy_lag is not None and max_policy_lag < 0:
+            raise ValueError(f"PolicyStage {name!r}: max_policy_lag must be >= 0 (or None), got {max_policy_lag}")
+        self.max_policy_lag = max_policy_lag
+        # the versions that acted in the last max_policy_lag + 1 chunks
+        self._acted: deque[int] = deque(maxlen=(max_policy_lag or 0) + 1)
         if groups not in (1, 2):
             raise ValueError(f"PolicyStage {name!r}: groups must be 1 or 2, got {groups}")
         self.policy = policy
@@ -107,6 +120,14 @@ class PolicyStage(Stage):
                     message = weights.latest_nowait()
                     if message is not None:
                         self.load_weights(message)
+                    acted = self._acted
+                    if self.max_policy_lag is not None and len(acted) == acted.maxlen:
+                        while self.version <= acted[0]:  # wait for the learner to finish that chunk
+                            try:
+                                self.load_weights(await weights.receive())
+                            except EndOfStream:
+                                return
+                    acted.append(self.version)
                 request.version = self.version
             if on_cpu:
                 policy(request.td)  # no autograd graph: the acting copy's parameters need no gradient
