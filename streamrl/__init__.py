@@ -14,17 +14,23 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS: dict[str, str] = {
+    "A2CLoss": "streamrl.objectives.ppo",
+    "Actor": "streamrl.modules.actors",
+    "AdditiveGaussianModule": "streamrl.modules.exploration",
+    "AdvantageStage": "streamrl.stages.advantage",
     "Bounded": "streamrl.envs.specs",
     "BrokenStreamError": "streamrl.errors",
     "CatFrames": "streamrl.transforms.image",
     "CatTensors": "streamrl.transforms.norm",
     "Categorical": "streamrl.envs.specs",
     "Checkpoint": "streamrl.hooks.checkpoint",
+    "ClipPPOLoss": "streamrl.objectives.ppo",
     "ClosedStreamError": "streamrl.errors",
     "Compose": "streamrl.transforms.base",
     "Composite": "streamrl.envs.specs",
     "ConfigError": "streamrl.errors",
     "ConvNet": "streamrl.modules.nets",
+    "DDPGLoss": "streamrl.objectives.actor_critic",
     "DQNLoss": "streamrl.objectives.dqn",
     "DoubleToFloat": "streamrl.transforms.norm",
     "DuelingCnnDQNet": "streamrl.modules.nets",
@@ -39,26 +45,33 @@ _EXPORTS: dict[str, str] = {
     "EventLog": "streamrl.hooks.logging",
     "FifoSampler": "streamrl.replay.samplers",
     "FrameSkip": "streamrl.transforms.episode",
+    "GAE": "streamrl.objectives.value",
     "GrayScale": "streamrl.transforms.image",
     "GymEnv": "streamrl.envs.gym",
     "HardUpdate": "streamrl.objectives.updaters",
     "Hook": "streamrl.events",
+    "IndependentNormal": "streamrl.modules.distributions",
     "LearnerStage": "streamrl.stages.learner",
+    "LossKeys": "streamrl.objectives.ppo",
     "MLP": "streamrl.modules.nets",
     "MetricsCSV": "streamrl.hooks.logging",
     "NoopResetEnv": "streamrl.transforms.episode",
+    "NormalParamExtractor": "tensordict.nn",
     "ObservationNorm": "streamrl.transforms.norm",
     "OneHot": "streamrl.envs.specs",
+    "OrnsteinUhlenbeckModule": "streamrl.modules.exploration",
     "Pipeline": "streamrl.pipeline",
     "PipelineError": "streamrl.errors",
     "PolicyStage": "streamrl.stages.policy",
     "PrioritizedSampler": "streamrl.replay.samplers",
     "PriorityUpdate": "streamrl.hooks.priority",
+    "ProbabilisticActor": "streamrl.modules.actors",
     "ProgressBar": "streamrl.hooks.progress",
     "QValueActor": "streamrl.modules.actors",
     "RamStorage": "streamrl.replay.storage",
     "RateLimiter": "streamrl.replay.ratelimit",
     "ReceiveStream": "streamrl.streams",
+    "ReinforceLoss": "streamrl.objectives.ppo",
     "RemoteError": "streamrl.errors",
     "ReplayBuffer": "streamrl.replay.buffer",
     "Resize": "streamrl.transforms.image",
@@ -66,6 +79,7 @@ _EXPORTS: dict[str, str] = {
     "RewardSum": "streamrl.transforms.episode",
     "RunContext": "streamrl.runtime",
     "RunResult": "streamrl.runtime",
+    "SACLoss": "streamrl.objectives.actor_critic",
     "SamplerStage": "streamrl.stages.replay",
     "SamplerWithoutReplacement": "streamrl.replay.samplers",
     "SendStream": "streamrl.streams",
@@ -81,6 +95,11 @@ _EXPORTS: dict[str, str] = {
     "StreamRLError": "streamrl.errors",
     "StreamStatistics": "streamrl.streams",
     "SumTree": "streamrl.replay.sumtree",
+    "TD0Estimator": "streamrl.objectives.value",
+    "TD1Estimator": "streamrl.objectives.value",
+    "TD3Loss": "streamrl.objectives.actor_critic",
+    "TDLambdaEstimator": "streamrl.objectives.value",
+    "TanhNormal": "streamrl.modules.distributions",
     "TargetNetworkUpdate": "streamrl.hooks.schedules",
     "ToTensorImage": "streamrl.transforms.image",
     "Transform": "streamrl.transforms.base",
@@ -88,18 +107,27 @@ _EXPORTS: dict[str, str] = {
     "TransformedEnv": "streamrl.transforms.base",
     "Unbounded": "streamrl.envs.specs",
     "UniformSampler": "streamrl.replay.samplers",
+    "ValueEstimator": "streamrl.objectives.value",
+    "ValueKeys": "streamrl.objectives.value",
+    "ValueOperator": "streamrl.modules.actors",
     "VideoRecorder": "streamrl.transforms.video",
     "WorkerDied": "streamrl.errors",
     "WouldBlock": "streamrl.errors",
     "WriterStage": "streamrl.stages.replay",
     "ZarrStorage": "streamrl.replay.zarr_store",
     "evaluate": "streamrl.hooks.eval",
+    "gae": "streamrl.objectives.value",
     "open_stream": "streamrl.streams",
     "run": "streamrl.runtime",
     "spec_from_space": "streamrl.envs.specs",
+    "td0_return": "streamrl.objectives.value",
+    "td1_return": "streamrl.objectives.value",
+    "td_lambda_return": "streamrl.objectives.value",
 }
 
 if TYPE_CHECKING:
+    from tensordict.nn import NormalParamExtractor
+
     from streamrl.envs.gym import GymEnv
     from streamrl.envs.specs import Bounded, Categorical, Composite, OneHot, Spec, Unbounded, spec_from_space
     from streamrl.errors import (
@@ -124,11 +152,26 @@ if TYPE_CHECKING:
     from streamrl.hooks.priority import PriorityUpdate
     from streamrl.hooks.progress import ProgressBar
     from streamrl.hooks.schedules import EpsilonAnnealing, TargetNetworkUpdate
-    from streamrl.modules.actors import QValueActor
-    from streamrl.modules.exploration import EGreedyModule
+    from streamrl.modules.actors import Actor, ProbabilisticActor, QValueActor, ValueOperator
+    from streamrl.modules.distributions import IndependentNormal, TanhNormal
+    from streamrl.modules.exploration import AdditiveGaussianModule, EGreedyModule, OrnsteinUhlenbeckModule
     from streamrl.modules.nets import MLP, ConvNet, DuelingCnnDQNet
+    from streamrl.objectives.actor_critic import DDPGLoss, SACLoss, TD3Loss
     from streamrl.objectives.dqn import DQNLoss
+    from streamrl.objectives.ppo import A2CLoss, ClipPPOLoss, LossKeys, ReinforceLoss
     from streamrl.objectives.updaters import HardUpdate, SoftUpdate
+    from streamrl.objectives.value import (
+        GAE,
+        TD0Estimator,
+        TD1Estimator,
+        TDLambdaEstimator,
+        ValueEstimator,
+        ValueKeys,
+        gae,
+        td0_return,
+        td1_return,
+        td_lambda_return,
+    )
     from streamrl.pipeline import Pipeline
     from streamrl.replay.buffer import ReplayBuffer
     from streamrl.replay.ratelimit import RateLimiter
@@ -143,6 +186,7 @@ if TYPE_CHECKING:
     from streamrl.replay.sumtree import SumTree
     from streamrl.replay.zarr_store import ZarrStorage
     from streamrl.runtime import RunContext, RunResult, run
+    from streamrl.stages.advantage import AdvantageStage
     from streamrl.stages.base import Stage, StageContext
     from streamrl.stages.env import EnvStage
     from streamrl.stages.learner import LearnerStage
@@ -171,17 +215,23 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "A2CLoss",
+    "Actor",
+    "AdditiveGaussianModule",
+    "AdvantageStage",
     "Bounded",
     "BrokenStreamError",
     "CatFrames",
     "CatTensors",
     "Categorical",
     "Checkpoint",
+    "ClipPPOLoss",
     "ClosedStreamError",
     "Compose",
     "Composite",
     "ConfigError",
     "ConvNet",
+    "DDPGLoss",
     "DQNLoss",
     "DoubleToFloat",
     "DuelingCnnDQNet",
@@ -196,26 +246,33 @@ __all__ = [
     "EventLog",
     "FifoSampler",
     "FrameSkip",
+    "GAE",
     "GrayScale",
     "GymEnv",
     "HardUpdate",
     "Hook",
+    "IndependentNormal",
     "LearnerStage",
+    "LossKeys",
     "MLP",
     "MetricsCSV",
     "NoopResetEnv",
+    "NormalParamExtractor",
     "ObservationNorm",
     "OneHot",
+    "OrnsteinUhlenbeckModule",
     "Pipeline",
     "PipelineError",
     "PolicyStage",
     "PrioritizedSampler",
     "PriorityUpdate",
+    "ProbabilisticActor",
     "ProgressBar",
     "QValueActor",
     "RamStorage",
     "RateLimiter",
     "ReceiveStream",
+    "ReinforceLoss",
     "RemoteError",
     "ReplayBuffer",
     "Resize",
@@ -223,6 +280,7 @@ __all__ = [
     "RewardSum",
     "RunContext",
     "RunResult",
+    "SACLoss",
     "SamplerStage",
     "SamplerWithoutReplacement",
     "SendStream",
@@ -238,6 +296,11 @@ __all__ = [
     "StreamRLError",
     "StreamStatistics",
     "SumTree",
+    "TD0Estimator",
+    "TD1Estimator",
+    "TD3Loss",
+    "TDLambdaEstimator",
+    "TanhNormal",
     "TargetNetworkUpdate",
     "ToTensorImage",
     "Transform",
@@ -245,13 +308,20 @@ __all__ = [
     "TransformedEnv",
     "Unbounded",
     "UniformSampler",
+    "ValueEstimator",
+    "ValueKeys",
+    "ValueOperator",
     "VideoRecorder",
     "WorkerDied",
     "WouldBlock",
     "WriterStage",
     "ZarrStorage",
     "evaluate",
+    "gae",
     "open_stream",
     "run",
     "spec_from_space",
+    "td0_return",
+    "td1_return",
+    "td_lambda_return",
 ]

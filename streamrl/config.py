@@ -33,7 +33,15 @@ REQUIRED_FIELDS = ("total_frames", "seed", "device", "num_envs")
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """The docstrings written under each field of a dataclass (read from its source)."""
+    """The docstrings written under each field of a dataclass (read from its source), a subclass's first."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            docs.update(_own_field_docs(klass))
+    return docs
+
+
+def _own_field_docs(cls: type) -> dict[str, str]:
     try:
         source = textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError):

@@ -9,6 +9,7 @@ and the loss on a second panel.
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 from streamrl.errors import ConfigError
@@ -21,6 +22,14 @@ def _column(rows: list[dict[str, str]], key: str) -> tuple[list[float], list[flo
             xs.append(float(row["frames"]))
             ys.append(float(row[key]))
     return xs, ys
+
+
+def _resumes(run_dir: Path) -> list[int]:
+    """Frames at which ``streamrl run --resume`` continued this run (from its ``config.json``)."""
+    config = run_dir / "config.json"
+    if not config.exists():
+        return []
+    return [int(r["frames"]) for r in json.loads(config.read_text()).get("resumes", [])]
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -49,6 +58,11 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     bottom.set_ylabel("loss")
     bottom.set_xlabel("frames")
     bottom.grid(alpha=0.3)
+    for i, frames in enumerate(_resumes(run_dir)):  # where a resumed run took over from a checkpoint
+        for ax in (top, bottom):
+            ax.axvline(frames, color="tab:red", linestyle=":", label="resumed" if i == 0 and ax is top else None)
+    if _resumes(run_dir):
+        top.legend(loc="best")
     top.set_title(run_dir.name)
     fig.tight_layout()
     target = Path(out) if out is not None else run_dir / "curves.png"

@@ -16,6 +16,7 @@ from streamrl import ZarrStorage
 from streamrl.config import config_from_record
 from streamrl.errors import ConfigError
 from streamrl.loader import load_module
+from streamrl.plots import _resumes, plot_run
 from streamrl.replay.store_tools import check_store
 from streamrl.resume import load_checkpoint, restore
 
@@ -83,6 +84,7 @@ def test_a_killed_run_resumes_with_its_budget_metrics_learner_and_store(tmp_path
     assert [p for p in check_store(run_dir / "replay.zarr") if not p.warning] == []
     record = json.loads((run_dir / "config.json").read_text())
     assert record["resumes"][0]["frames"] == at
+    assert _resumes(run_dir) == [at] and plot_run(run_dir).stat().st_size > 10_000  # the curve marks the resume
 
 
 def test_restore_loads_the_learner_limiter_and_store_and_epsilon_follows_frames(tmp_path):

@@ -1,9 +1,12 @@
-"""Schedule hooks: target-network updates and epsilon annealing, driven by events.
+"""Schedule hooks: target-network updates and exploration annealing, driven by events.
 
 ::
 
     pipeline.add_hook(TargetNetworkUpdate(SoftUpdate(loss_fn, tau=0.01)))       # after every optimizer step
     pipeline.add_hook(EpsilonAnnealing(explore), group="collect")               # where the policy runs
+
+``EpsilonAnnealing`` drives any module with a ``step(frames)`` method: ``EGreedyModule``'s epsilon,
+``AdditiveGaussianModule``'s and ``OrnsteinUhlenbeckModule``'s sigma.
 
 Both are lockstep: the publishing stage waits for them, so the target network is updated before the next loss
 and epsilon before the next chunk. Place each hook in the group of the module it changes.
@@ -11,11 +14,16 @@ and epsilon before the next chunk. Place each hook in the group of the module it
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 from streamrl.events import Event, Hook
-from streamrl.modules.exploration import EGreedyModule
 from streamrl.objectives.updaters import HardUpdate, SoftUpdate
+
+
+class Annealed(Protocol):
+    """A schedule advanced by env frames (the exploration modules)."""
+
+    def step(self, frames: int = 1) -> None: ...
 
 
 class TargetNetworkUpdate(Hook):
@@ -39,7 +47,7 @@ class TargetNetworkUpdate(Hook):
 
 
 class EpsilonAnnealing(Hook):
-    """Advances an :class:`EGreedyModule`'s schedule by the frames collected (``post_steps``).
+    """Advances an exploration schedule (``module.step(frames)``) by the frames collected (``post_steps``).
 
     It follows each collecting stage's frame count, not the chunks it saw, so a resumed run (whose env stages
     start from the checkpoint's frames) picks the schedule up where it was.
@@ -48,7 +56,7 @@ class EpsilonAnnealing(Hook):
     events = ("chunk",)
     mode = "lockstep"
 
-    def __init__(self, module: EGreedyModule, name: str | None = None) -> None:
+    def __init__(self, module: Annealed, name: str | None = None) -> None:
         super().__init__(name)
         self.module = module
         self.frames_by_source: dict[str, int] = {}
