@@ -42,8 +42,9 @@ def run_on_policy(tmp_path, max_policy_lag, *, chunks=12, backend="sync"):
     p = Pipeline("on_policy")
     p.add(EnvStage("env", GymEnv("CartPole-v1", num_envs=2, seed=0, backend=backend), frames_per_chunk=FRAMES_PER_CHUNK,
                    total_frames=chunks * FRAMES_PER_CHUNK),
-          PolicyStage("policy", actor, max_policy_lag=max_policy_lag),
-          AdvantageStage("gae", estimator), learner)
+          PolicyStage("policy", actor, max_policy_lag=max_policy_lag), group="collect")
+    p.add(AdvantageStage("gae", estimator), learner)
+    p.place("collect", "worker_process")  # collection runs on its own core, free to run ahead of the learner
     p.connect("env.requests", "policy.requests", capacity=1)
     p.connect("policy.actions", "env.actions", capacity=1)
     p.connect("env.chunks", "gae.chunks", capacity=1)

@@ -106,6 +106,7 @@ def test_restore_loads_the_learner_limiter_and_store_and_epsilon_follows_frames(
     assert writer.buffer.limiter.inserts == saved_inserts(checkpoint)
     assert len(writer.buffer.storage) == min(checkpoint["frames"], cfg.buffer_size)
     assert pipeline.stages["env"].frames == checkpoint["frames"]
+    assert pipeline.stages["policy"].version == saved["version"]  # acts with the restored weights' version
     with pytest.raises(ConfigError, match="no checkpoint.pt"):
         load_checkpoint(tmp_path)
 

@@ -65,8 +65,11 @@ class Checkpoint(Hook):
         stages = {}
         for stage in pipeline.stages.values():
             state = stage.state_dict()
-            if pipeline.process_of(stage.name) != MAIN and "frames" in state:
-                state["frames"] = progress.get(stage.name, state["frames"])  # the worker's copy is ahead of ours
+            if pipeline.process_of(stage.name) != MAIN:  # the worker's copy is ahead of ours: take what events said
+                if "frames" in state:
+                    state["frames"] = progress.get(stage.name, state["frames"])
+                if "version" in state:
+                    state["version"] = run.recorder.policy_version
             stages[stage.name] = state
         return {
             "format": FORMAT,

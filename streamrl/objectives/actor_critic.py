@@ -150,6 +150,7 @@ class _ActorCriticLoss(nn.Module):
         return elementwise.mean(0).sum(), td_error
 
     def _batch_q(self, batch: TensorDictBase, obs: TensorDictBase) -> torch.Tensor:
+        """Q-values ``[N, K]`` of the batch's own actions, with gradients for the critics."""
         return self._q(self.critics, obs.copy().set("action", batch.get("action")))
 
 
@@ -194,7 +195,9 @@ class TD3Loss(_ActorCriticLoss):
     defaults are the paper's ``0.2 * max_action`` and ``0.5 * max_action``). The target value is the minimum over
     the target critics; ``loss_critic`` sums every critic's regression loss. Every ``policy_delay``-th call
     computes ``loss_actor = -mean(Q_1(s, mu(s)))`` (first critic, frozen); other calls give a constant zero and
-    leave the actor's gradients ``None``. The call count is saved in ``state_dict()``.
+    leave the actor's gradients ``None``. The call count is saved in ``state_dict()``. Target networks follow
+    whatever updater steps them: a ``TargetNetworkUpdate`` hook steps after every update, where the paper moves
+    them with the actor only (with ``tau = 0.005`` the difference is small).
 
     ::
 

@@ -14,11 +14,12 @@ Weights arrive on the optional ``weights`` input as TensorDicts ``{"params": ...
 the learner. They are applied only at the first step of a chunk (``StepRequest.new_chunk``), so every transition
 of a chunk was produced by one known ``policy_version``.
 
-On-policy learning bounds how stale the acting weights may be: with ``max_policy_lag=k`` a chunk starts only
-with weights newer than those that acted ``k + 1`` chunks before, waiting for the learner if needed. With a
-learner that publishes once per chunk it trained on (``LearnerStage(epochs=...)``), ``0`` is strictly on-policy
-(collect, learn, collect, ...) and ``1`` collects the next chunk while the learner trains on the last one, its
-data one version old when trained on.
+On-policy learning bounds how stale the acting weights may be. It takes a learner that publishes once per chunk
+it trained on (``LearnerStage(epochs=...)``): weights of version ``v0 + j`` (``v0``: the version at the start)
+have learnt from ``j`` chunks. With ``max_policy_lag=k`` the stage starts its ``i``-th chunk only with weights of
+version ``>= v0 + i - k``, waiting for the learner if needed; the learner then trains on it at most ``k``
+versions later. ``0`` is strictly on-policy (collect, learn, collect, ...); ``1`` collects the next chunk while
+the learner trains on the last one.
 
 The stage acts with its *own copy* of the policy's parameters (gradients off), even in the learner's process: the
 learner's updates reach it only as published, versioned weights. Modules without parameters (exploration
@@ -28,7 +29,6 @@ schedules such as ``EGreedyModule``) are not copied, so hooks that drive them ke
 from __future__ import annotations
 
 import copy
-from collections import deque
 from typing import Any
 
 import torch
@@ -77,8 +77,6 @@ class PolicyStage(Stage):
         if max_policy_lag is not None and max_policy_lag < 0:
             raise ValueError(f"PolicyStage {name!r}: max_policy_lag must be >= 0 (or None), got {max_policy_lag}")
         self.max_policy_lag = max_policy_lag
-        # the versions that acted in the last max_policy_lag + 1 chunks
-        self._acted: deque[int] = deque(maxlen=(max_policy_lag or 0) + 1)
         if groups not in (1, 2):
             raise ValueError(f"PolicyStage {name!r}: groups must be 1 or 2, got {groups}")
         self.policy = policy
@@ -110,6 +108,7 @@ class PolicyStage(Stage):
         outs = [ctx.output(port) for port in self.outputs]
         policy = self.acting
         on_cpu = self.device.type == "cpu"
+        first_version, chunks = self.version, 0  # the max_policy_lag rule counts from here
         while True:
             try:
                 request: StepRequest = await requests.receive()
@@ -120,14 +119,13 @@ class PolicyStage(Stage):
                     message = weights.latest_nowait()
                     if message is not None:
                         self.load_weights(message)
-                    acted = self._acted
-                    if self.max_policy_lag is not None and len(acted) == acted.maxlen:
-                        while self.version <= acted[0]:  # wait for the learner to finish that chunk
+                    if self.max_policy_lag is not None:
+                        while self.version < first_version + chunks - self.max_policy_lag:  # wait for the learner
                             try:
                                 self.load_weights(await weights.receive())
                             except EndOfStream:
                                 return
-                    acted.append(self.version)
+                chunks += 1
                 request.version = self.version
             if on_cpu:
                 policy(request.td)  # no autograd graph: the acting copy's parameters need no gradient
@@ -142,3 +140,7 @@ class PolicyStage(Stage):
 
     def state_dict(self) -> dict[str, Any]:
         return {"version": self.version}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The version of the weights it will act with (a resumed learner's: the actor was restored with it)."""
+        self.version = state["version"]
