@@ -126,6 +126,7 @@ class Subscription:
         self.kinds = kinds
         self.mode = mode
         self.is_async = inspect.iscoroutinefunction(handler)
+        self.excluded: frozenset[str] = frozenset()  # kinds a "*" subscription leaves out
         self.delivered = 0
         self._send: SendStream[Event] | None = None
         self._receive: ReceiveStream[Event] | None = None
@@ -190,33 +191,41 @@ class EventBus:
         capacity: int = 256,
         name: str | None = None,
     ) -> Subscription:
-        """Attach ``handler`` to ``kinds`` (None or ``"*"`` = every kind)."""
-        if isinstance(kinds, str):
-            kinds = (kinds,)
-        kind_set = None if kinds is None or "*" in kinds else frozenset(kinds)
+        """Attach ``handler`` to ``kinds`` (None or ``"*"`` = every kind; ``"-kind"`` leaves one out of ``"*"``)."""
+        kinds = ("*",) if kinds is None else (kinds,) if isinstance(kinds, str) else tuple(kinds)
+        wanted = [k for k in kinds if not k.startswith("-")]
+        kind_set = None if "*" in wanted else frozenset(wanted)
         sub = Subscription(name or str(getattr(handler, "__qualname__", "handler")), handler, kind_set, mode, capacity)
+        sub.excluded = frozenset(k[1:] for k in kinds if k.startswith("-"))
         self.subscriptions.append(sub)
         if kind_set is None:
             self._wildcard.append(sub)
-            for subs in self._by_kind.values():
-                subs.append(sub)
+            for kind, subs in self._by_kind.items():
+                if kind not in sub.excluded:
+                    subs.append(sub)
         else:
             for kind in kind_set:
-                self._by_kind.setdefault(kind, list(self._wildcard)).append(sub)
+                self._subscribers(kind).append(sub)
         return sub
+
+    def _subscribers(self, kind: str) -> list[Subscription]:
+        subs = self._by_kind.get(kind)
+        if subs is None:
+            subs = self._by_kind[kind] = [w for w in self._wildcard if kind not in w.excluded]
+        return subs
 
     def add_hook(self, hook: Hook) -> Subscription:
         return self.subscribe(hook.on_event, hook.events, mode=hook.mode, capacity=hook.capacity, name=hook.name)
 
     def wants(self, kind: str) -> bool:
         """True when someone listens to ``kind``: publishers skip building payloads nobody reads."""
-        return bool(self._by_kind.get(kind, self._wildcard))
+        return bool(self._subscribers(kind))
 
     def now(self) -> float:
         return time.perf_counter() - self.start
 
     async def publish(self, kind: str, source: str, data: dict[str, Any]) -> None:
-        subs = self._by_kind.get(kind, self._wildcard)
+        subs = self._subscribers(kind)
         if not subs:
             return
         event = Event(kind, source, time.perf_counter() - self.start, data)
@@ -225,7 +234,7 @@ class EventBus:
 
     async def forward(self, event: Event) -> None:
         """Deliver an event that was published elsewhere (a worker process), keeping its source and time."""
-        for sub in self._by_kind.get(event.kind, self._wildcard):
+        for sub in self._subscribers(event.kind):
             await sub.deliver(event)
 
     def lossy(self) -> list[Subscription]:

@@ -325,7 +325,7 @@ class WorkerGroup:
 
     def _spec(self) -> bytes:
         bus = self.run_ctx.bus
-        kinds = None if bus._wildcard else frozenset(bus._by_kind)
+        kinds = None if bus._wildcard else frozenset(kind for kind, subs in bus._by_kind.items() if subs)
         spec = _WorkerSpec(
             group=self.group, pipeline=_group_pipeline(self.pipeline, self.group), run_dir=str(self.run_ctx.run_dir),
             device=str(self.run_ctx.device), seed=self.run_ctx.seed + 1000 * (self.index + 1), threads=self.threads,

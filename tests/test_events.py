@@ -91,3 +91,16 @@ async def test_a_lossy_hook_buffers_events_without_their_tensors():
     await sub.drain()
     assert direct[0].data["batch"] is batch  # lockstep hooks get the tensors
     assert buffered[0].data == {"loss": 0.5, "step": 7}  # nothing pins the batch while a lossy hook lags
+
+
+async def test_a_wildcard_can_leave_kinds_out_and_then_nobody_wants_them():
+    bus = EventBus()
+    seen = []
+    bus.subscribe(seen.append, ("*", "-batch"))
+    assert bus.wants("chunk") and not bus.wants("batch")  # the learner skips building a batch event
+    await bus.publish("batch", "learner", {})
+    await bus.publish("chunk", "env", {})
+    later = []
+    bus.subscribe(later.append, ["batch"])
+    await bus.publish("batch", "learner", {})
+    assert [e.kind for e in seen] == ["chunk"] and [e.kind for e in later] == ["batch"]

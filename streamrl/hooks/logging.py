@@ -43,7 +43,7 @@ def scalar_fields(data: dict[str, Any]) -> dict[str, Any]:
 class EventLog(Hook):
     """Writes events to ``<run dir>/events.jsonl`` with structlog's JSON renderer."""
 
-    events = ("*",)
+    events = ("*", "-batch", "-loss")  # those two carry tensors only: nothing a JSON line could hold
     mode = "lossy"
     capacity = 4096
 
@@ -51,7 +51,7 @@ class EventLog(Hook):
                  name: str | None = None) -> None:
         super().__init__(name)
         self.filename = filename
-        self.every = {"optim_step": 100, "batch": 1000, "loss": 1000, "stored": 100, "weights": 100,
+        self.every = {"optim_step": 100, "stored": 100, "weights": 100,
                       **(every or {})}
         self.counts: dict[str, int] = {}
         self.file: TextIO | None = None
