@@ -15,6 +15,7 @@ noise-free policy averages >= -200 over 5 evaluation episodes, or after ``total_
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,7 @@ from streamrl import (
     SamplerStage,
     SoftUpdate,
     TargetNetworkUpdate,
+    TD3Loss,
     ValueOperator,
     WriterStage,
 )
@@ -96,7 +98,17 @@ class Config:
     """Stop once the evaluation mean reaches this return."""
 
 
+def ddpg_loss(cfg: Config, actor: Actor, action_spec: Bounded, new_critic: Callable[[], ValueOperator]) -> DDPGLoss:
+    """One Q critic; the loss owns the target actor and critic."""
+    return DDPGLoss(actor, new_critic(), gamma=cfg.gamma)
+
+
 def build(cfg: Config) -> Pipeline:
+    return build_with_loss(cfg, "ddpg_pendulum", ddpg_loss)
+
+
+def build_with_loss(cfg: Config, name: str, make_loss: Callable[..., DDPGLoss | TD3Loss]) -> Pipeline:
+    """The pipeline around ``make_loss(cfg, actor, action_spec, new_critic)`` (``td3_pendulum.py`` reuses it)."""
     env = GymEnv("Pendulum-v1", num_envs=cfg.num_envs, seed=cfg.seed)
     action_spec = env.action_spec
     assert isinstance(action_spec, Bounded), action_spec  # one torque in [-2, 2]
@@ -105,14 +117,17 @@ def build(cfg: Config) -> Pipeline:
     # Model: a deterministic actor squashed into [-2, 2] and a Q critic; Gaussian noise on top for collection.
     torch.manual_seed(cfg.seed)
     actor = Actor(MLP(n_act, in_features=n_obs, num_cells=cfg.hidden), spec=action_spec)
-    critic = ValueOperator(MLP(1, in_features=n_obs + n_act, num_cells=cfg.hidden), in_keys=["observation", "action"])
+
+    def new_critic() -> ValueOperator:
+        return ValueOperator(MLP(1, in_features=n_obs + n_act, num_cells=cfg.hidden), in_keys=["observation", "action"])
+
     explore = AdditiveGaussianModule(action_spec, sigma_init=cfg.sigma_init, sigma_end=cfg.sigma_end,
                                      annealing_frames=cfg.sigma_frames)
     collect_policy = TensorDictSequential(actor, explore)
 
     # Loss and optimizer: actor + critic terms, each with gradients for its own parameters only, so one Adam over
-    # their sum updates both networks as two optimizers would. The loss owns the target actor and critic.
-    loss = DDPGLoss(actor, critic, gamma=cfg.gamma)
+    # their sum updates the networks as separate optimizers would.
+    loss = make_loss(cfg, actor, action_spec, new_critic)
     optimizer = torch.optim.Adam(loss.parameters(), lr=cfg.lr)
 
     # Replay: RAM, paced by a samples-per-insert rate limiter (updates_per_frame updates per collected frame).
@@ -127,7 +142,7 @@ def build(cfg: Config) -> Pipeline:
 
     learner = LearnerStage("learner", loss, optimizer, publish=actor, publish_every=cfg.publish_every,
                            device=cfg.device)
-    p = Pipeline("ddpg_pendulum", config=cfg)
+    p = Pipeline(name, config=cfg)
     p.add(
         EnvStage("env", env, frames_per_chunk=cfg.frames_per_chunk, total_frames=cfg.total_frames),
         PolicyStage("policy", collect_policy, weights_module=actor),

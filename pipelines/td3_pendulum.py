@@ -1,13 +1,12 @@
-"""TD3 on Pendulum-v1, as a streaming pipeline.
+"""TD3 on Pendulum-v1, as a streaming pipeline: ``ddpg_pendulum.py``'s stages with the TD3 loss.
 
     streamrl run pipelines/td3_pendulum.py --seed 0
     streamrl run pipelines/td3_pendulum.py --set policy_delay=1     # the actor every update
 
 DDPG with TD3's three changes: twin critics whose minimum makes the target, clipped noise on the target action,
-and an actor updated every ``policy_delay`` updates. The policy explores with additive Gaussian noise, annealed
-over ``sigma_frames``. Collection (four envs and the noisy policy) runs in a worker process; the replay (RAM),
-the sampler and the learner run in the main process, one update per collected frame. The run stops when the
-noise-free policy averages >= -200 over 5 evaluation episodes, or after ``total_frames`` frames.
+and an actor updated every ``policy_delay`` updates. Everything else (Gaussian exploration annealed over
+``sigma_frames``, collection in a worker process, RAM replay at one update per frame, evaluation until the
+noise-free policy averages >= -200) is the DDPG pipeline's.
 
     env group (worker) ──chunks──> writer ──[RAM replay]──> sampler ──batches──> learner (actor, 2 critics)
          ^                                                                          │
@@ -16,149 +15,31 @@ noise-free policy averages >= -200 over 5 evaluation episodes, or after ``total_
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
-import torch
-from tensordict.nn import TensorDictSequential
+from streamrl import Actor, Bounded, Pipeline, TD3Loss, ValueOperator
+from streamrl.loader import load_module
 
-from streamrl import (
-    MLP,
-    Actor,
-    AdditiveGaussianModule,
-    Bounded,
-    Checkpoint,
-    EnvStage,
-    EpsilonAnnealing,
-    Evaluate,
-    EventLog,
-    GymEnv,
-    LearnerStage,
-    MetricsCSV,
-    Pipeline,
-    PolicyStage,
-    ProgressBar,
-    RamStorage,
-    RateLimiter,
-    ReplayBuffer,
-    SamplerStage,
-    SoftUpdate,
-    TargetNetworkUpdate,
-    TD3Loss,
-    ValueOperator,
-    WriterStage,
-)
+ddpg = load_module(Path(__file__).with_name("ddpg_pendulum.py"))
 
 
 @dataclass
-class Config:
-    total_frames: int = 20_000
-    """Stop after this many env frames (one frame = one step of one env)."""
-    seed: int = 0
-    """Seed of torch, numpy, the envs and the evaluation envs."""
-    device: str = "auto"
-    """Learner device: cpu, cuda, or auto (CUDA when available)."""
-    num_envs: int = 4
-    """Pendulum copies stepped together in the collection process."""
-    frames_per_chunk: int = 64
-    """Frames per chunk sent from the env stage to the replay writer; the policy takes new weights between chunks."""
-    placement: str = "worker_process"
-    """Where the env + policy group runs: worker_process (own core) or in_process."""
-    buffer_size: int = 100_000
-    """Replay capacity in transitions (RAM)."""
-    batch_size: int = 256
-    """Transitions per learner update."""
-    updates_per_frame: float = 1.0
-    """Learner updates per collected frame, kept by the replay rate limiter."""
-    min_fill: int = 1_000
-    """Transitions in replay before the first update."""
-    lr: float = 3e-4
-    """Adam learning rate of the actor and the critics (one optimizer over the loss's parameters)."""
-    gamma: float = 0.99
-    """Discount factor."""
-    tau: float = 0.005
-    """Soft target update rate: target <- (1 - tau) * target + tau * online, after every update."""
-    hidden: tuple[int, ...] = (256, 256)
-    """Hidden layer sizes of the actor and of each critic."""
-    sigma_init: float = 0.5
-    """Initial standard deviation of the exploration noise, in torque units (actions lie in [-2, 2])."""
-    sigma_end: float = 0.2
-    """Final standard deviation of the exploration noise."""
-    sigma_frames: int = 10_000
-    """Frames over which the noise anneals linearly from sigma_init to sigma_end."""
+class Config(ddpg.Config):  # type: ignore[name-defined,misc]
     policy_noise: float = 0.2
     """Standard deviation of the target-action noise, as a fraction of the action half-range (2)."""
     noise_clip: float = 0.5
     """Clip of the target-action noise, as a fraction of the action half-range."""
     policy_delay: int = 2
-    """Critic updates per actor update."""
-    publish_every: int = 4
-    """Learner updates between weight publications to the policy."""
-    eval_every: int = 2_000
-    """Frames between evaluations (the policy without noise)."""
-    eval_episodes: int = 5
-    """Episodes per evaluation (200 steps each)."""
-    checkpoint_every: int = 10_000
-    """Frames between checkpoints (what ``--resume`` starts from after a crash); one is also saved at the end."""
-    target_return: float = -200.0
-    """Stop once the evaluation mean reaches this return."""
+    """Critic updates per actor update; between them the actor has no gradient and Adam leaves it alone."""
+
+
+def td3_loss(cfg: Config, actor: Actor, action_spec: Bounded, new_critic: Callable[[], ValueOperator]) -> TD3Loss:
+    """Twin critics; the loss owns the target actor and critics."""
+    return TD3Loss(actor, [new_critic(), new_critic()], gamma=cfg.gamma, action_spec=action_spec,
+                   policy_noise=cfg.policy_noise, noise_clip=cfg.noise_clip, policy_delay=cfg.policy_delay)
 
 
 def build(cfg: Config) -> Pipeline:
-    env = GymEnv("Pendulum-v1", num_envs=cfg.num_envs, seed=cfg.seed)
-    action_spec = env.action_spec
-    assert isinstance(action_spec, Bounded), action_spec  # one torque in [-2, 2]
-    n_obs, n_act = 3, action_spec.shape[-1]  # observation: cos(angle), sin(angle), angular velocity
-
-    # Model: a deterministic actor squashed into [-2, 2] and two Q critics; Gaussian noise on top for collection.
-    torch.manual_seed(cfg.seed)
-    actor = Actor(MLP(n_act, in_features=n_obs, num_cells=cfg.hidden), spec=action_spec)
-    critics = [ValueOperator(MLP(1, in_features=n_obs + n_act, num_cells=cfg.hidden), in_keys=["observation", "action"])
-               for _ in range(2)]
-    explore = AdditiveGaussianModule(action_spec, sigma_init=cfg.sigma_init, sigma_end=cfg.sigma_end,
-                                     annealing_frames=cfg.sigma_frames)
-    collect_policy = TensorDictSequential(actor, explore)
-
-    # Loss and optimizer: actor + critic terms, each with gradients for its own parameters only, so one Adam over
-    # their sum updates the networks as separate optimizers would; between delayed actor updates the actor has no
-    # gradient and Adam leaves it alone. The loss owns the target actor and critics.
-    loss = TD3Loss(actor, critics, gamma=cfg.gamma, action_spec=action_spec, policy_noise=cfg.policy_noise,
-                   noise_clip=cfg.noise_clip, policy_delay=cfg.policy_delay)
-    optimizer = torch.optim.Adam(loss.parameters(), lr=cfg.lr)
-
-    # Replay: RAM, paced by a samples-per-insert rate limiter (updates_per_frame updates per collected frame).
-    samples_per_insert = cfg.updates_per_frame * cfg.batch_size
-    replay = ReplayBuffer(
-        RamStorage(cfg.buffer_size),
-        batch_size=cfg.batch_size,
-        limiter=RateLimiter(samples_per_insert=samples_per_insert, min_fill=cfg.min_fill,
-                            tolerance=samples_per_insert * cfg.frames_per_chunk,  # a chunk of slack
-                            batch_size=cfg.batch_size),
-    )
-
-    learner = LearnerStage("learner", loss, optimizer, publish=actor, publish_every=cfg.publish_every,
-                           device=cfg.device)
-    p = Pipeline("td3_pendulum", config=cfg)
-    p.add(
-        EnvStage("env", env, frames_per_chunk=cfg.frames_per_chunk, total_frames=cfg.total_frames),
-        PolicyStage("policy", collect_policy, weights_module=actor),
-        group="collect",
-    )
-    p.add(WriterStage("writer", replay), SamplerStage("sampler", replay, pin_memory=True), learner)
-    p.connect("env.requests", "policy.requests", capacity=1)
-    p.connect("policy.actions", "env.actions", capacity=1)
-    p.connect("env.chunks", "writer.chunks", capacity=1)
-    p.connect("sampler.batches", "learner.batches", capacity=4)
-    p.connect("learner.weights", "policy.weights", capacity=1, overflow="drop_oldest")
-    p.place("collect", cfg.placement)  # type: ignore[arg-type]
-
-    p.add_hook(EpsilonAnnealing(explore), group="collect")  # anneals sigma where the policy runs
-    p.add_hook(
-        TargetNetworkUpdate(SoftUpdate(loss, tau=cfg.tau)),
-        Evaluate(GymEnv("Pendulum-v1", num_envs=cfg.eval_episodes), actor, every_frames=cfg.eval_every,
-                 episodes=cfg.eval_episodes, stop_at_return=cfg.target_return),
-        ProgressBar(cfg.total_frames),
-        EventLog(),
-        MetricsCSV(every_frames=cfg.eval_every),
-        Checkpoint(every_frames=cfg.checkpoint_every),
-    )
-    return p
+    return ddpg.build_with_loss(cfg, "td3_pendulum", td3_loss)  # type: ignore[no-any-return]
