@@ -80,7 +80,63 @@ def test_without_a_lag_bound_collection_runs_ahead(tmp_path):
     assert max(ages) >= 1  # what max_policy_lag=0 prevents
 
 
+async def test_a_chunk_without_valid_rows_still_moves_the_version_on():
+    # a lag-bound policy waits for one publication per chunk: a chunk of resets only must not stall it
+    import anyio
+
+    from streamrl.streams import open_stream
+
+    actor = QValueActor(MLP(2, in_features=4, num_cells=(8,)))
+    loss = SquaredQ(actor)
+    learner = LearnerStage("learner", loss, torch.optim.Adam(loss.parameters()), publish=actor, epochs=2,
+                           minibatch_size=4, device="cpu")
+    empty = TensorDict({"observation": torch.zeros(2, 3, 4), "valid": torch.zeros(2, 3, dtype=torch.bool),
+                        "policy_version": torch.zeros(2, 3, dtype=torch.int64)}, batch_size=[2, 3])
+    send, receive = open_stream(2)
+    weights_send, weights_receive = open_stream(2)
+
+    class Ctx:
+        def has_output(self, port):
+            return True
+
+        def output(self, port):
+            return weights_send
+
+        def input(self, port):
+            return receive
+
+        def wants(self, kind):
+            return False
+
+        async def publish(self, kind, **data):
+            pass
+
+    await send.send(empty)
+    send.close()
+    with anyio.fail_after(10):
+        await learner.run(Ctx())
+    assert learner.steps == 0 and learner.version == 1
+    assert int(weights_receive.receive_nowait()["version"]) == 1
+
+
 def test_reset_rows_of_next_step_auto_reset_envs_are_not_trained_on(tmp_path):
     _, rows, _, valid = run_on_policy(tmp_path, 0, backend="native")
     assert sum(valid) < len(valid) * FRAMES_PER_CHUNK  # CartPole episodes ended: some rows were resets
     assert sum(rows) == 3 * sum(valid)  # each epoch passes over the valid rows only
+
+
+def test_advantage_stage_values_chunks_on_the_device_of_the_shared_critic(tmp_path):
+    # the learner moves the loss, critic included, to its device (CUDA with device="auto"); chunks come from the
+    # env on the CPU. "meta" stands in for CUDA: a CPU input to a meta critic fails as it would on CUDA.
+    from streamrl import GAE, ValueOperator
+    from streamrl.testing import Collect, ListSource, random_chunks
+
+    critic = ValueOperator(nn.Linear(4, 1)).to("meta")
+    sink = Collect("sink")
+    p = Pipeline("gae_device")
+    p.add(ListSource("src", random_chunks(2)), AdvantageStage("gae", GAE(gamma=0.9, lmbda=0.9, value_network=critic)),
+          sink)
+    p.connect("src.items", "gae.chunks").connect("gae.chunks", "sink.items")
+    result = streamrl.run(p, tmp_path, handle_signals=False)
+    assert result.exit_reason == "completed"
+    assert [chunk["advantage"].device.type for chunk in sink.items] == ["meta", "meta"]

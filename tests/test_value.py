@@ -282,6 +282,13 @@ def test_average_gae_normalizes_over_valid_rows():
     torch.testing.assert_close(rows, (plain - plain.mean()) / plain.std())
 
 
+def test_average_gae_of_a_single_valid_row_is_centred_not_nan():
+    critic, chunk = make_critic(), make_chunk(num_envs=1, T=2)
+    chunk.set("valid", torch.tensor([[True, False]]))
+    out = GAE(gamma=GAMMA, lmbda=LMBDA, value_network=critic, average_gae=True)(chunk)["advantage"]
+    assert torch.isfinite(out).all() and out[0, 0].abs().item() < 1e-6
+
+
 def test_no_critic_gives_monte_carlo_returns():
     chunk = make_chunk()
     reward, terminated, done = flags(chunk)

@@ -249,7 +249,8 @@ class GAE(ValueEstimator):
             advantage = td.get(self.keys.advantage)
             valid = td.get(self.keys.valid, None)
             rows = advantage if valid is None else advantage[valid.reshape(td.batch_size).bool()]
-            td.set(self.keys.advantage, (advantage - rows.mean()) / (rows.std() + 1e-8))
+            spread = rows.std() if rows.numel() > 1 else torch.ones((), dtype=rows.dtype, device=rows.device)
+            td.set(self.keys.advantage, (advantage - rows.mean()) / (spread + 1e-8))
         return td
 
 

@@ -94,10 +94,12 @@ class LearnerStage(Stage):
             valid = rows.get("valid", None)
             if valid is not None:  # reset steps of next-step auto-reset envs: not transitions
                 rows = rows.exclude("valid")[valid]
-            minibatches = [idx for _ in range(self.epochs)
+            minibatches = [idx for _ in range(self.epochs) if rows.shape[0]
                            for idx in torch.randperm(rows.shape[0], device=device).split(self.minibatch_size)]
             for i, idx in enumerate(minibatches):
                 await self._update(ctx, rows[idx], weights_out, publish=i == len(minibatches) - 1)
+            if not minibatches:  # no row to learn from (all resets): publish anyway, a lag-bound policy waits for it
+                await self._publish(ctx, weights_out)
 
     async def _update(self, ctx: StageContext, batch: Any, weights_out: Any, *, publish: bool) -> None:
         """One optimizer step on ``batch``; with ``publish``, the new weights go out after it."""
@@ -116,12 +118,16 @@ class LearnerStage(Stage):
         if self.scheduler is not None:
             self.scheduler.step()
         self.steps += 1
-        if publish and weights_out is not None and self.publish is not None:
+        if publish:
+            await self._publish(ctx, weights_out)
+        await ctx.publish("optim_step", **self._figures(batch, out, grad_norm, acting_version))
+        await anyio.lowlevel.checkpoint()  # other stages run between optimizer steps
+
+    async def _publish(self, ctx: StageContext, weights_out: Any) -> None:
+        if weights_out is not None and self.publish is not None:
             self.version += 1
             await weights_out.send(weights_message(self.publish, self.version))
             await ctx.publish("weights", version=self.version, step=self.steps)
-        await ctx.publish("optim_step", **self._figures(batch, out, grad_norm, acting_version))
-        await anyio.lowlevel.checkpoint()  # other stages run between optimizer steps
 
     def _figures(self, batch: Any, out: Any, grad_norm: torch.Tensor | None, version: int) -> dict[str, Any]:
         figures: dict[str, Any] = {"step": self.steps, "version": self.version}
