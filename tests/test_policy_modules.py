@@ -110,12 +110,21 @@ def test_tanh_normal_scores_a_saturated_draw_from_its_pre_tanh_value():
     exact = (D.Normal(loc, scale).log_prob(x) - 2 * (math.log(2) - x - nn.functional.softplus(-2 * x))).sum()
     torch.manual_seed(3)
     dist = TanhNormal(loc, scale, low, high)
-    action, log_prob = dist.rsample_and_log_prob()
+    action = dist.rsample()
     assert action[0] == 1.0  # tanh rounded to the bound: atanh cannot recover x
-    torch.testing.assert_close(log_prob, exact)
     torch.testing.assert_close(dist.log_prob(action), exact)  # the tensor rsample returned: its draw is cached
     recovered = dist.log_prob(action.clone())  # any other tensor: clamped below the bound, finite, not exact
     assert bool(torch.isfinite(recovered)) and not torch.isclose(recovered, exact)
+
+
+def test_a_recorded_log_prob_equals_the_learners_rescoring_even_at_the_bounds():
+    # PPO: the actor records sample_log_prob while acting; the learner rescores a copy of the stored action
+    torch.manual_seed(0)
+    dist = TanhNormal(torch.full((10_000, 1), 7.0), torch.ones(10_000, 1), -3.0, 3.0)
+    action, recorded = dist.rsample_and_log_prob()
+    assert (action.abs() == 3.0).any()  # some draws saturate in float32
+    rescored = TanhNormal(torch.full((10_000, 1), 7.0), torch.ones(10_000, 1), -3.0, 3.0).log_prob(action.clone())
+    assert torch.equal(recorded, rescored)  # every ratio is exactly 1 before the first update
 
 
 def test_tanh_normal_mode_is_the_squashed_loc_and_mean_the_expected_action():

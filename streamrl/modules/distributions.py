@@ -106,17 +106,28 @@ class TanhNormal(D.Distribution):
             return self.rsample(sample_shape)
 
     def rsample_and_log_prob(self, sample_shape: _Shape = ()) -> tuple[torch.Tensor, torch.Tensor]:
-        """A reparameterised sample and the log-density of that draw, from its pre-``tanh`` value."""
+        """A reparameterised sample and its log-density scored from the action, as a learner will rescore it.
+
+        This is what an actor records as ``sample_log_prob``. A stored action reaches the learner as a copy, which
+        :meth:`log_prob` scores through ``atanh`` of the clamped action; scoring the record the same way makes the
+        PPO ratio exactly 1 before the first update, even for actions ``tanh`` rounded to a bound (scoring those
+        from the pre-``tanh`` draw instead put 2 % of the ratios of a policy with ``loc=7`` outside the clip range).
+        """
         action = self.rsample(sample_shape)
-        return action, self.log_prob(action)  # the draw just cached: scored exactly
+        return action, self._log_prob_of(self._atanh(action))
+
+    def _atanh(self, value: torch.Tensor) -> torch.Tensor:
+        eps = torch.finfo(value.dtype).eps
+        return torch.atanh(((value - self._mid) / self._half).clamp(-1.0 + eps, 1.0 - eps))
+
+    def _log_prob_of(self, x: torch.Tensor) -> torch.Tensor:
+        return self.normal.log_prob(x) - self._log_abs_det_jacobian(x)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        if self._last_draw is not None and value is self._last_draw[1]:
-            x = self._last_draw[0]
-        else:
-            eps = torch.finfo(value.dtype).eps
-            x = torch.atanh(((value - self._mid) / self._half).clamp(-1.0 + eps, 1.0 - eps))
-        return self.normal.log_prob(x) - self._log_abs_det_jacobian(x)
+        """Scored exactly from the pre-``tanh`` draw when ``value`` is the tensor :meth:`rsample` just returned
+        (SAC's actor loss), else through ``atanh`` of the action clamped inside the bounds."""
+        draw = self._last_draw
+        return self._log_prob_of(draw[0] if draw is not None and value is draw[1] else self._atanh(value))
 
     @property
     def mode(self) -> torch.Tensor:
