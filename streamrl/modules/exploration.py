@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
@@ -112,7 +113,7 @@ class EGreedyModule(TensorDictModuleBase):
         self.step(int(state["frames"]))
 
 
-class _ActionNoise(TensorDictModuleBase):
+class _ActionNoise(TensorDictModuleBase, ABC):
     """Adds noise of an annealed scale ``sigma`` to ``action`` and clips the result into a Bounded spec.
 
     ``sigma`` goes linearly from ``sigma_init`` to ``sigma_end`` over ``annealing_frames`` frames counted by
@@ -159,8 +160,9 @@ class _ActionNoise(TensorDictModuleBase):
         progress = min(1.0, self.frames / self.annealing_frames)
         self._sigma = self.sigma_init + (self.sigma_end - self.sigma_init) * progress
 
+    @abstractmethod
     def _noise(self, action: torch.Tensor, tensordict: TensorDictBase) -> torch.Tensor | float:
-        raise NotImplementedError
+        """The noise to add to ``action`` (in action units)."""
 
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         if interaction_type() in _GREEDY:
