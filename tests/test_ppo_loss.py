@@ -223,7 +223,7 @@ class NoEntropy(D.Bernoulli):
 
 def test_errors_say_what_to_do():
     actor, critic = make_actor(), make_critic()
-    with pytest.raises(NotImplementedError, match="neither entropy\\(\\) nor rsample\\(\\).*entropy_bonus=False"):
+    with pytest.raises(TypeError, match="neither entropy\\(\\) nor rsample\\(\\).*entropy_bonus=False"):
         entropy(NoEntropy(probs=torch.tensor([0.3])))
     with pytest.raises(KeyError, match="no 'sample_log_prob'.*LossKeys\\(sample_log_prob=...\\)"):
         ClipPPOLoss(actor, critic)(make_batch(actor).exclude("sample_log_prob"))

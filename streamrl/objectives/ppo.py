@@ -61,7 +61,7 @@ def entropy(dist: Distribution) -> torch.Tensor:
         return dist.entropy()
     except NotImplementedError:
         if not dist.has_rsample:
-            raise NotImplementedError(
+            raise TypeError(
                 f"{type(dist).__name__} implements neither entropy() nor rsample(): an entropy bonus needs one of "
                 f"them (or entropy_bonus=False)") from None
         return -dist.log_prob(dist.rsample())
