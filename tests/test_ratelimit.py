@@ -301,3 +301,18 @@ async def test_queue_pipeline_serves_each_valid_row_once_in_order(tmp_path):
     await asyncio.wait_for(run_async(p, tmp_path, handle_signals=False), 30)
     served = torch.cat([batch["x"] for batch in learner.items]).long().tolist()
     assert served == list(range(next_row // 4 * 4))  # each row once, in order; the partial batch is not served
+
+
+async def test_a_trajectory_queue_counts_one_row_per_env(tmp_path):
+    """Trajectory rows: a chunk [4 envs, 16 steps] stores 4 rows, and the limiter must count 4, not 64."""
+    chunks = [TensorDict({"x": torch.full((4, 16), float(i))}, batch_size=[4, 16]) for i in range(6)]
+    rb = ReplayBuffer(RamStorage(8), sampler=FifoSampler(), batch_size=4, limiter=RateLimiter.queue(8, 4),
+                      trajectories=True)
+    assert rb.rows_for(chunks[0]) == 4
+    learner = Collect("learner")
+    p = Pipeline("queue").add(ListSource("src", chunks), WriterStage("writer", rb), SamplerStage("sampler", rb),
+                              learner)
+    p.connect("src.items", "writer.chunks").connect("sampler.batches", "learner.items")
+    await asyncio.wait_for(run_async(p, tmp_path, handle_signals=False), 30)
+    served = [int(batch["x"][0, 0]) for batch in learner.items]
+    assert served == list(range(6)) and all(batch.batch_size == (4, 16) for batch in learner.items)

@@ -27,6 +27,14 @@ from streamrl.replay.storage import RamStorage
 from streamrl.replay.zarr_store import ZarrStorage
 
 
+def transitions(data: TensorDictBase) -> TensorDictBase:
+    """A chunk ``[num_envs, time]`` (or rows ``[n]``) as rows ``[n]``, without the rows marked not ``valid`` (the
+    reset steps of envs that auto-reset on the next step: not transitions)."""
+    rows = data.reshape(-1) if data.batch_dims != 1 else data
+    valid = rows.get("valid", None)
+    return rows if valid is None else rows.exclude("valid")[valid]
+
+
 class ReplayBuffer:
     """Storage + sampler + rate limiter; see the module docstring."""
 
@@ -61,11 +69,14 @@ class ReplayBuffer:
             rows = data.clone(recurse=False)
             rows.batch_size = data.batch_size[:1]  # time becomes part of each row
             return self.storage.extend(rows)
-        rows = data.reshape(-1) if data.batch_dims != 1 else data
-        valid = rows.get("valid", None)
-        if valid is not None:
-            rows = rows.exclude("valid")[valid]
-        return self.storage.extend(rows)
+        return self.storage.extend(transitions(data))
+
+    def rows_for(self, data: TensorDictBase) -> int:
+        """How many rows :meth:`extend` will store from ``data`` (what the rate limiter counts)."""
+        if self.trajectories:
+            return data.batch_size[0]
+        valid = data.get("valid", None)
+        return int(valid.sum()) if valid is not None else data.batch_size.numel()
 
     def sample(self, batch_size: int | None = None) -> TensorDict:
         index, info = self.sampler.sample(self.storage, batch_size or self.batch_size)

@@ -29,6 +29,7 @@ import anyio
 import torch
 from torch import nn
 
+from streamrl.replay.buffer import transitions
 from streamrl.runtime import resolve_device
 from streamrl.stages.base import Stage, StageContext
 from streamrl.stages.policy import weights_message
@@ -90,10 +91,7 @@ class LearnerStage(Stage):
                 await self._update(ctx, batch, weights_out, publish=self.steps % self.publish_every
                                    == self.publish_every - 1)
                 continue
-            rows = batch.reshape(-1)
-            valid = rows.get("valid", None)
-            if valid is not None:  # reset steps of next-step auto-reset envs: not transitions
-                rows = rows.exclude("valid")[valid]
+            rows = transitions(batch)
             minibatches = [idx for _ in range(self.epochs) if rows.shape[0]
                            for idx in torch.randperm(rows.shape[0], device=device).split(self.minibatch_size)]
             for i, idx in enumerate(minibatches):

@@ -22,17 +22,10 @@ from typing import Any
 
 import anyio
 import torch
-from tensordict import TensorDictBase
 
 from streamrl.replay.buffer import ReplayBuffer
 from streamrl.replay.zarr_store import ZarrStorage
 from streamrl.stages.base import Stage, StageContext
-
-
-def _stored_rows(chunk: TensorDictBase) -> int:
-    """Rows ``ReplayBuffer.extend`` will store from ``chunk``: its ``valid`` ones, or all of them."""
-    valid = chunk.get("valid", None)
-    return int(valid.sum()) if valid is not None else chunk.batch_size.numel()
 
 
 class WriterStage(Stage):
@@ -53,7 +46,7 @@ class WriterStage(Stage):
         try:
             limiter.check_capacity(storage.capacity)
             async for chunk in ctx.input("chunks"):
-                ctx.extra_wait_s += await limiter.wait_insert(_stored_rows(chunk))
+                ctx.extra_wait_s += await limiter.wait_insert(buffer.rows_for(chunk))
                 n = len(buffer.extend(chunk))
                 self.rows += n
                 if isinstance(storage, ZarrStorage) and storage.pending_rows >= storage.block_rows:
