@@ -89,7 +89,7 @@ def _single_key(out_keys: Sequence[str], owner: str) -> str:
     return out_keys[0]
 
 
-def _bound_buffers(module: nn.Module, low: Any, high: Any) -> None:
+def register_bounds(module: nn.Module, low: Any, high: Any) -> None:
     """``low``/``high`` as float buffers of ``module``, outside ``state_dict`` (they come from the spec), so
     that ``module.to(device)`` moves them and ``module.double()`` converts them."""
     module.register_buffer("low", torch.as_tensor(low, dtype=torch.get_default_dtype()).clone(), persistent=False)
@@ -104,7 +104,7 @@ class _BoundedDistributionModule(ProbabilisticTensorDictModule):
 
     def __init__(self, *, low: Any, high: Any, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        _bound_buffers(self, low, high)
+        register_bounds(self, low, high)
 
     @property
     def distribution_kwargs(self) -> dict[str, Any]:
@@ -208,7 +208,7 @@ class Actor(TensorDictModuleBase):
         self.module = module
         self.spec = spec
         if isinstance(spec, Bounded):
-            _bound_buffers(self, spec.low, spec.high)
+            register_bounds(self, spec.low, spec.high)
         else:
             self.low = self.high = None
         self.in_keys = list(in_keys)  # type: ignore[assignment]

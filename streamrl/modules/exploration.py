@@ -28,6 +28,7 @@ from tensordict import TensorDictBase
 from tensordict.nn import InteractionType, TensorDictModuleBase, interaction_type
 
 from streamrl.envs.specs import Bounded, Categorical, OneHot, Unbounded
+from streamrl.modules.actors import register_bounds
 
 _GREEDY = (InteractionType.DETERMINISTIC, InteractionType.MODE, InteractionType.MEAN)
 
@@ -136,9 +137,8 @@ class _ActionNoise(TensorDictModuleBase, ABC):
         if annealing_frames < 1:
             raise ValueError(f"{name}: annealing_frames must be >= 1, got {annealing_frames=}")
         self.spec = spec
-        if isinstance(spec, Bounded):  # buffers: .to(device) moves them; outside state_dict (they are the spec's)
-            self.register_buffer("low", spec.low.clone(), persistent=False)
-            self.register_buffer("high", spec.high.clone(), persistent=False)
+        if isinstance(spec, Bounded):
+            register_bounds(self, spec.low, spec.high)
         else:
             self.low = self.high = None
         self.sigma_init = sigma_init
@@ -171,7 +171,7 @@ class _ActionNoise(TensorDictModuleBase, ABC):
         action = tensordict.get(key)
         action = action + self._noise(action, tensordict)
         if self.low is not None and self.high is not None:
-            action = torch.clamp(action, self.low.to(action.dtype), self.high.to(action.dtype))
+            action = torch.clamp(action, self.low, self.high)
         return tensordict.set(key, action)
 
     def get_extra_state(self) -> dict[str, Any]:
