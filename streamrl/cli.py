@@ -9,10 +9,24 @@ A pipeline file defines a config dataclass and ``build(cfg) -> Pipeline``::
     streamrl plot runs/dqn_cartpole                           # learning curves -> runs/dqn_cartpole/curves.png
     streamrl store inspect runs/dqn_cartpole/replay.zarr      # a replay store: also check, sample, export, import, plot
     streamrl run pipelines/dqn_cartpole.py --resume runs/dqn_cartpole/20261122-101500-seed0   # after a crash
+    streamrl run pipelines/dqn_cartpole.py --out runs/x --overwrite   # start runs/x afresh: its old run is removed
 
-Exit codes: 0 when the run completed (or stopped because it solved its task), 130 after Ctrl-C (SIGINT), 143
-after SIGTERM, 1 when a stage failed (or ``store check`` found a problem), 2 for a usage error (or a path that is
-not a replay store).
+A run directory has one owner: ``streamrl run`` locks it (``<run dir>/.lock``, which holds the pid; the kernel
+releases the lock when the process ends, ``kill -9`` included) for the whole run, and a second run on the same
+directory exits with 2 naming the first one's pid. A directory that already holds a run (a config.json,
+checkpoint, metrics or replay store) is never overwritten: continue it with ``--resume DIR``, give a new ``--out``,
+or pass ``--overwrite``, which removes the old run's files (its store included) once the new pipeline is built.
+``--resume`` of a run killed before its first checkpoint starts it over: the old store is removed, metrics and
+events go on appending.
+
+Bad input stops before anything runs, with exit 2 and a message naming the field and value and what is allowed,
+or the pipeline file and line that failed (to import, or in ``build()``); ``--debug`` adds the traceback.
+
+Exit codes: 0 when the run completed (or stopped because it solved its task); 1 when a stage failed, the disk of
+the run directory filled up (``disk full writing PATH``), or ``store check`` found a problem; 2 for a usage or
+config error (a bad value, also one a stage finds as it starts; a pipeline file that fails to import or build; a
+run directory in use or already holding a run; a path that is not a replay store); 130 after Ctrl-C (SIGINT),
+during start-up too; 143 after SIGTERM.
 """
 
 from __future__ import annotations
@@ -24,15 +38,26 @@ import inspect
 import json
 import platform
 import sys
+import traceback
 import typing
 from pathlib import Path
 from typing import Any
 
-from streamrl.config import apply_overrides, check_required, config_from_record, field_docs
-from streamrl.errors import ConfigError, PipelineError, StoreError, StreamRLError
+from streamrl.config import apply_overrides, config_from_record, field_docs, make_config, validate_config
+from streamrl.errors import (
+    ConfigError,
+    DiskFull,
+    PipelineError,
+    RunDirError,
+    StageFailed,
+    StoreError,
+    StreamRLError,
+)
 from streamrl.forkserver import warm_up
-from streamrl.loader import load_module
+from streamrl.loader import call_build, load_module
 from streamrl.resume import load_checkpoint, restore
+from streamrl.rundir import RunDirLock, has_checkpoint, remove_run_files, resume_advice, run_files
+from streamrl.summary import write_json
 
 
 def _load(target: str) -> tuple[Any, type, str, Path]:
@@ -46,7 +71,11 @@ def _load(target: str) -> tuple[Any, type, str, Path]:
                           f"`def {func_name}(cfg: Config) -> Pipeline`"
                           f" or name the function with {path_text}:<function>")
     params = list(inspect.signature(build).parameters)
-    hints = typing.get_type_hints(build)
+    try:
+        hints = typing.get_type_hints(build)
+    except Exception as exc:
+        raise ConfigError(f"{path_text}:{func_name}: its annotations cannot be resolved ({type(exc).__name__}: "
+                          f"{exc}); annotate the config argument with a dataclass defined or imported there") from exc
     if not params or params[0] not in hints or not dataclasses.is_dataclass(hints[params[0]]):
         raise ConfigError(f"{path_text}:{func_name} must take one argument annotated with a config dataclass, "
                           f"e.g. `def {func_name}(cfg: Config) -> Pipeline`")
@@ -73,7 +102,7 @@ def _run_dir(out: str | None, path: Path, seed: int) -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    warm_up()  # worker processes import torch & co. now, while this process does the same
+    warm_up()  # started before the run-directory lock is taken, so the workers it forks never hold the lock
     import streamrl.runtime as runtime
 
     build, config_cls, module_name, path = _load(args.target)
@@ -86,38 +115,51 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.device is not None:
         overrides.append(f"device={args.device}")
     started = {"argv": sys.argv, "python": platform.python_version(), "started": dt.datetime.now().isoformat()}
-    checkpoint = None
     if args.resume:
-        if args.out:
-            raise ConfigError("--resume RUN_DIR continues in RUN_DIR: drop --out")
+        if args.out or args.overwrite:
+            extra = "--out" if args.out else "--overwrite"
+            raise ConfigError(f"--resume RUN_DIR continues the run in RUN_DIR: drop {extra}")
         run_dir = Path(args.resume)
-        record = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else None
-        if record is None:
-            raise ConfigError(f"cannot resume {str(run_dir)!r}: it has no config.json (is it a run directory?)")
-        checkpoint = load_checkpoint(run_dir)
-        cfg = apply_overrides(config_from_record(config_cls, record["config"]), overrides)
-        record["config"] = dataclasses.asdict(cfg)
-        record.setdefault("resumes", []).append({**started, "overrides": overrides, "frames": checkpoint["frames"]})
+        if not (run_dir / "config.json").is_file():
+            raise RunDirError(f"cannot resume {str(run_dir)!r}: it has no config.json (is it a run directory?)")
     else:
-        cfg = apply_overrides(config_cls(), overrides)
+        cfg = make_config(config_cls, overrides)
+        validate_config(cfg)
         run_dir = _run_dir(args.out, path, cfg.seed)
-        record = {"pipeline": str(path), "build": args.target, "config": dataclasses.asdict(cfg),
-                  "overrides": overrides, **started}
-    check_required(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-    pipeline = build(cfg)
-    if checkpoint is not None:
-        restore(pipeline, checkpoint)
-        print(f"streamrl: resuming {run_dir} at frame {checkpoint['frames']}", file=sys.stderr)
-    print(f"streamrl: running {path} -> {run_dir}", file=sys.stderr)
-    try:
-        result = runtime.run(pipeline, run_dir, seed=cfg.seed, device=cfg.device,
-                             preload=[(module_name, str(path.resolve()))], resume=checkpoint)
-    except StreamRLError as exc:
-        print(f"streamrl: error: {exc}", file=sys.stderr)
-        print(f"streamrl: summary in {run_dir / 'summary.json'}", file=sys.stderr)
-        return 1
+    with RunDirLock(run_dir):
+        checkpoint = None
+        if args.resume:
+            cfg, record, checkpoint = _resume_record(run_dir, config_cls, overrides, started)
+        else:
+            _refuse_to_overwrite(run_dir, args.overwrite)
+            record = {"pipeline": str(path), "build": args.target, "config": dataclasses.asdict(cfg),
+                      "overrides": overrides, **started}
+        pipeline = call_build(build, cfg, path)
+        pipeline.validate()
+        if checkpoint is not None:
+            restore(pipeline, checkpoint)
+            print(f"streamrl: resuming {run_dir} at frame {checkpoint['frames']}", file=sys.stderr)
+            if checkpoint["fallback"]:
+                print(f"streamrl: warning: resuming from {checkpoint['loaded_from']}, the previous checkpoint: "
+                      f"{checkpoint['fallback']}", file=sys.stderr)
+        elif args.resume:
+            remove_run_files(run_dir, keep=("config.json", "metrics.csv", "events.jsonl"))
+            print(f"streamrl: no checkpoint yet in {run_dir}: starting the run over (its replay store removed; "
+                  "metrics and events go on appending)", file=sys.stderr)
+        elif args.overwrite and (removed := remove_run_files(run_dir)):
+            print(f"streamrl: --overwrite: removed {', '.join(p.name for p in removed)} from {run_dir}",
+                  file=sys.stderr)
+        write_json(run_dir / "config.json", record,
+                   advice=resume_advice(run_dir) if args.resume else "free space and run again")
+        print(f"streamrl: running {path} -> {run_dir}", file=sys.stderr)
+        try:
+            result = runtime.run(pipeline, run_dir, seed=cfg.seed, device=cfg.device,
+                                 preload=[(module_name, str(path.resolve()))], resume=checkpoint)
+        except StreamRLError as exc:
+            _report(exc, args.debug)
+            if (run_dir / "summary.json").exists():
+                print(f"streamrl: summary in {run_dir / 'summary.json'}", file=sys.stderr)
+            return 2 if isinstance(exc, StageFailed) and isinstance(exc.error, ConfigError) else 1
     s = result.summary
     print(
         f"streamrl: {result.exit_reason} ({s['stop_reason'] or 'budget'}): frames={s['frames']} wall_s={s['wall_s']} "
@@ -128,10 +170,44 @@ def cmd_run(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
+def _resume_record(run_dir: Path, config_cls: type, overrides: list[str],
+                   started: dict[str, Any]) -> tuple[Any, dict[str, Any], dict[str, Any] | None]:
+    """The config, the updated config.json record and the checkpoint (None: killed before its first one)."""
+    record = json.loads((run_dir / "config.json").read_text())
+    cfg = apply_overrides(config_from_record(config_cls, record["config"]), overrides)
+    validate_config(cfg)
+    record["config"] = dataclasses.asdict(cfg)
+    if not has_checkpoint(run_dir):
+        record.setdefault("restarts", []).append({**started, "overrides": overrides})
+        return cfg, record, None
+    checkpoint = load_checkpoint(run_dir)
+    record.setdefault("resumes", []).append({**started, "overrides": overrides, "frames": checkpoint["frames"]})
+    return cfg, record, checkpoint
+
+
+def _refuse_to_overwrite(run_dir: Path, overwrite: bool) -> None:
+    """A fresh run never writes over another run's files unless ``--overwrite`` says so."""
+    existing = run_files(run_dir)
+    if existing and not overwrite:
+        raise RunDirError(
+            f"{str(run_dir)!r} already holds a run ({', '.join(p.name for p in existing)}); use --resume "
+            f"{run_dir} to continue it, or a new --out, or --overwrite to remove it and start afresh"
+        )
+
+
+def _report(exc: BaseException, debug: bool) -> None:
+    """One line on stderr; the traceback (with its causes) only with ``--debug``."""
+    if debug:
+        traceback.print_exception(exc)
+    hint = "" if debug or exc.__cause__ is None else " (--debug shows the traceback)"
+    print(f"streamrl: error: {exc}{hint}", file=sys.stderr)
+
+
 def cmd_graph(args: argparse.Namespace) -> int:
-    build, config_cls, _module, _path = _load(args.target)
-    cfg = apply_overrides(config_cls(), list(args.set or []))
-    pipeline = build(cfg)
+    build, config_cls, _module, path = _load(args.target)
+    cfg = make_config(config_cls, list(args.set or []))
+    validate_config(cfg)
+    pipeline = call_build(build, cfg, path)
     pipeline.validate()
     print(pipeline.describe())
     return 0
@@ -144,10 +220,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-STORE_HELP = """Look into a replay store (a zarr group written by ZarrStorage); none of these modifies a store.
+STORE_HELP = """Look into a replay store (a zarr group written by ZarrStorage); only repair modifies a store.
 
     streamrl store inspect runs/dqn/replay.zarr              # keys, shapes, codecs, sizes, rows, episode statistics
     streamrl store check runs/dqn/replay.zarr                # each problem with its key and rows; exit 1 if any
+    streamrl store repair runs/dqn/replay.zarr               # committed cursor back to the last intact block
     streamrl store sample runs/dqn/replay.zarr -n 5 --seed 0 # random committed rows
     streamrl store export runs/dqn/replay.zarr --to rows.npz # committed rows oldest -> newest, plus the attrs
     streamrl store import rows.npz --to copy.zarr [--capacity N] [--block-rows B]
@@ -200,7 +277,7 @@ def cmd_store_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_store_check(args: argparse.Namespace) -> int:
-    from streamrl.replay.store_tools import check_store
+    from streamrl.replay.store_tools import check_store, check_structure
 
     problems = check_store(args.path)
     for problem in problems:
@@ -208,7 +285,17 @@ def cmd_store_check(args: argparse.Namespace) -> int:
     errors = sum(not p.warning for p in problems)
     print(f"{args.path}: {errors} error(s), {len(problems) - errors} warning(s)" if problems
           else f"{args.path}: ok")
+    structure = check_structure(args.path)
+    if structure.errors and structure.repairable:  # damage that moving the committed cursor back undoes
+        print(f"`streamrl store repair {args.path}` moves the committed cursor back to the last intact block")
     return 1 if errors else 0
+
+
+def cmd_store_repair(args: argparse.Namespace) -> int:
+    from streamrl.replay.store_tools import repair_store
+
+    print(repair_store(args.path))
+    return 0
 
 
 def cmd_store_sample(args: argparse.Namespace) -> int:
@@ -250,7 +337,7 @@ def cmd_store_plot(args: argparse.Namespace) -> int:
 
 
 def _add_store_parser(sub: Any) -> None:
-    store = sub.add_parser("store", help="inspect, check, sample, export, import or plot a replay store",
+    store = sub.add_parser("store", help="inspect, check, repair, sample, export, import or plot a replay store",
                            description=STORE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = store.add_subparsers(dest="store_command", required=True)
     inspect_ = commands.add_parser("inspect", help="keys, shapes, dtypes, chunks, codecs, sizes, rows, episodes")
@@ -260,6 +347,10 @@ def _add_store_parser(sub: Any) -> None:
                                               "a problem")
     check.add_argument("path")
     check.set_defaults(func=cmd_store_check)
+    repair = commands.add_parser("repair", help="move the committed cursor back to the last intact block (rows "
+                                                "after it are dropped); an intact store is left as it is")
+    repair.add_argument("path")
+    repair.set_defaults(func=cmd_store_repair)
     sample = commands.add_parser("sample", help="print random committed rows")
     sample.add_argument("path")
     sample.add_argument("-n", type=int, default=5, help="rows to print (default 5)")
@@ -292,11 +383,15 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, help="shorthand for --set seed=N")
     run.add_argument("--device", help="shorthand for --set device=D (cpu, cuda, auto)")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
+    run.add_argument("--overwrite", action="store_true",
+                     help="the --out directory may hold an old run: remove its files (replay store included) first")
+    run.add_argument("--debug", action="store_true", help="print the traceback of an error")
     run.add_argument("--help-config", action="store_true", help="list the config fields and exit")
     run.set_defaults(func=cmd_run)
     graph = sub.add_parser("graph", help="print a pipeline's stages, streams and hooks")
     graph.add_argument("target")
     graph.add_argument("--set", action="append", metavar="KEY=VALUE")
+    graph.add_argument("--debug", action="store_true", help="print the traceback of an error")
     graph.set_defaults(func=cmd_graph)
     plot = sub.add_parser("plot", help="draw a run's learning curves (metrics.csv) into a PNG")
     plot.add_argument("run_dir")
@@ -309,12 +404,17 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = make_parser()
     args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False)
     try:
         code = args.func(args)
     except (ConfigError, PipelineError, StoreError) as exc:
-        print(f"streamrl: error: {exc}", file=sys.stderr)
+        _report(exc, debug)
         code = 2
-    except KeyboardInterrupt:
+    except DiskFull as exc:
+        _report(exc, debug)
+        code = 1
+    except KeyboardInterrupt:  # Ctrl-C before the run's own signal handling started (imports, build())
+        print("streamrl: interrupted (Ctrl-C)", file=sys.stderr)
         code = 130
     sys.exit(code)
 

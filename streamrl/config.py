@@ -15,6 +15,17 @@
 Values are parsed by the field's type: ``int`` (``100_000`` and ``1e5`` allowed), ``float``, ``bool``
 (true/false/1/0/yes/no), ``str``, ``Literal[...]``, optional types (``none``), and tuples/lists of these written
 comma-separated (``hidden=128,128``).
+
+Before a run starts, :func:`validate_config` checks the values every pipeline shares, and raises
+:class:`~streamrl.errors.ConfigError` naming the field, the value and what is allowed:
+
+* the fields every config has (``total_frames``, ``seed``, ``device``, ``num_envs``) exist;
+* counts are whole numbers >= 1: ``total_frames``, ``num_envs``, ``frames_per_chunk``, ``batch_size``,
+  ``buffer_size``, ``minibatch_size``, ``epochs`` (where the config has them);
+* ``buffer_size >= batch_size`` (a batch is drawn from the buffer);
+* learning rates (``lr``, ``*_lr``, ``lr_*``, ``*learning_rate*``) are finite and > 0;
+* no float field is NaN (infinity stays allowed elsewhere: ``max_grad_norm=inf`` means no clipping);
+* ``device`` is one that exists here: ``cpu``, ``auto``, and ``cuda``/``cuda:N``/``mps`` when available.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import math
 import textwrap
 import types
 import typing
@@ -30,6 +42,8 @@ from typing import Any, Literal, get_args, get_origin
 from streamrl.errors import ConfigError
 
 REQUIRED_FIELDS = ("total_frames", "seed", "device", "num_envs")
+POSITIVE_COUNTS = ("total_frames", "num_envs", "frames_per_chunk", "batch_size", "buffer_size", "minibatch_size",
+                   "epochs")
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -110,12 +124,10 @@ def _parse(raw: str, tp: Any, name: str) -> Any:
     raise ConfigError(f"--set {name}: fields of type {tp!r} cannot be set from the command line")
 
 
-def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
-    """Return a copy of ``cfg`` with each ``key=value`` applied (parsed by the field's type)."""
-    if not dataclasses.is_dataclass(cfg):
-        raise ConfigError(f"a pipeline config must be a dataclass instance, got {type(cfg).__name__}")
-    hints = typing.get_type_hints(type(cfg))
-    names = [f.name for f in dataclasses.fields(cfg)]
+def _parse_overrides(cls: type, overrides: list[str]) -> dict[str, Any]:
+    """``["key=value", ...]`` parsed by the types of the fields of dataclass ``cls``."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
     changes: dict[str, Any] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -123,9 +135,34 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
         if not sep or not key:
             raise ConfigError(f"--set takes key=value, got {item!r}")
         if key not in names:
-            raise ConfigError(f"--set {key}: {type(cfg).__name__} has no field {key!r}; its fields: {', '.join(names)}")
+            raise ConfigError(f"--set {key}: {cls.__name__} has no field {key!r}; its fields: {', '.join(names)}")
         changes[key] = _parse(raw.strip(), hints[key], key)
-    return dataclasses.replace(cfg, **changes)  # type: ignore[type-var]  # checked by is_dataclass above
+    return changes
+
+
+def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
+    """Return a copy of ``cfg`` with each ``key=value`` applied (parsed by the field's type)."""
+    if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
+        raise ConfigError(f"a pipeline config must be a dataclass instance, got {type(cfg).__name__}")
+    return dataclasses.replace(cfg, **_parse_overrides(type(cfg), overrides))  # type: ignore[type-var]
+
+
+def make_config(cls: type, overrides: list[str]) -> Any:
+    """A new ``cls`` with the overrides applied; a field without a default must be one of them.
+
+    ::
+
+        make_config(Config, ["seed=3"])   # ConfigError if Config has a field without default that is not set
+    """
+    if not dataclasses.is_dataclass(cls):
+        raise ConfigError(f"a pipeline config must be a dataclass, got {cls!r}")
+    values = _parse_overrides(cls, overrides)
+    missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in values
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{cls.__name__} fields {missing} have no default: give them with "
+                          + " ".join(f"--set {name}=VALUE" for name in missing))
+    return cls(**values)
 
 
 def config_from_record(cls: type, values: dict[str, Any]) -> Any:
@@ -142,8 +179,55 @@ def config_from_record(cls: type, values: dict[str, Any]) -> Any:
 
 
 def check_required(cfg: Any) -> None:
+    """The fields every pipeline config has (``REQUIRED_FIELDS``) are there."""
     missing = [name for name in REQUIRED_FIELDS if not hasattr(cfg, name)]
     if missing:
         raise ConfigError(
             f"{type(cfg).__name__} lacks the fields every pipeline config has: {missing}; add them to the dataclass"
         )
+
+
+def validate_config(cfg: Any) -> None:
+    """Check the values every pipeline shares (see the module docstring); raise ConfigError naming the field."""
+    check_required(cfg)
+    values = dataclasses.asdict(cfg)
+    for name, value in values.items():
+        if isinstance(value, float) and math.isnan(value):
+            raise ConfigError(f"{name}=nan: NaN is not a setting; give a number (--set {name}=VALUE)")
+    for name in POSITIVE_COUNTS:
+        value = values.get(name)
+        if name in values and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{name}={value!r}: expected a whole number >= 1 (--set {name}=N)")
+    for name, value in values.items():
+        if _is_learning_rate(name) and isinstance(value, (int, float)) and not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{name}={value!r}: a learning rate must be a finite number > 0, e.g. 3e-4")
+    if "buffer_size" in values and "batch_size" in values and values["buffer_size"] < values["batch_size"]:
+        raise ConfigError(f"buffer_size={values['buffer_size']} is smaller than batch_size={values['batch_size']}: "
+                          "a batch is drawn from the buffer; raise buffer_size or lower batch_size")
+    check_device(values["device"])
+
+
+def _is_learning_rate(name: str) -> bool:
+    return name == "lr" or name.endswith("_lr") or name.startswith("lr_") or "learning_rate" in name
+
+
+def available_devices() -> list[str]:
+    """The devices a run can use here: ``cpu``, ``auto``, and ``cuda``, ``cuda:N``, ``mps`` when present."""
+    import torch
+
+    devices = ["cpu", "auto"]
+    if torch.cuda.is_available():
+        devices += ["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    if torch.backends.mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+def check_device(device: Any) -> None:
+    """ConfigError unless ``device`` (a config's ``device`` field) names a device that exists here."""
+    if device is None or not isinstance(device, str):
+        return  # a torch.device or None set by the pipeline itself: the pipeline decides
+    devices = available_devices()
+    if device not in devices:
+        hint = " (no CUDA here: torch.cuda.is_available() is False)" if device.startswith("cuda") else ""
+        raise ConfigError(f"device={device!r} is not a device here{hint}; allowed: {', '.join(devices)}")

@@ -9,17 +9,28 @@
      │    ├── ClosedStreamError    this half was closed by its owner and used afterwards
      │    └── BrokenStreamError    the other side is gone (all receivers closed)
      ├── PipelineError            the graph is invalid (unknown port, unconnected input, cycle, ...)
-     ├── ConfigError              a configuration value or ``--set`` override is wrong
+     ├── ConfigError              a configuration value or ``--set`` override is wrong (also a ``ValueError``)
+     │    ├── PipelineFileError   a pipeline file failed to import, or its ``build()`` raised or returned no Pipeline
+     │    ├── RunDirError         the run directory is another run's (locked), or a fresh start would overwrite it
+     │    └── CheckpointError     a checkpoint is refused (it pickles code), damaged, of another format, or unsaved
+     ├── NonFiniteError           a loss, a gradient or a checkpointed tensor went NaN or infinite
      ├── StageFailed              a stage raised while the pipeline ran; ``.stage`` names it
-     ├── WorkerDied               a worker process ended without saying why; ``.group`` names it
+     ├── WorkerDied               a worker process ended without saying why: its group, pid and signal
      ├── RemoteError              an exception re-raised from a worker process (its traceback as text)
      ├── EnvError                 an environment misbehaved (wrong shapes, a worker crashed)
-     └── StoreError               a replay store cannot be opened or is inconsistent
+     │    ├── EnvWorkerDied       a subprocess env worker died or was shut down; ``.workers`` names them
+     │    └── EnvStepTimeout      an env's reset or step outlived the env stage's ``step_timeout``
+     ├── StoreError               a replay store cannot be opened or is inconsistent
+     │    └── StoreDiskFull       no space left flushing a store (also a DiskFull); the committed rows stay
+     └── DiskFull                 no space left writing a file of the run directory; ``.path`` names it
 
 Messages say what was expected, what was got, and what to do.
 """
 
 from __future__ import annotations
+
+import signal
+from pathlib import Path
 
 
 class StreamRLError(Exception):
@@ -50,8 +61,38 @@ class PipelineError(StreamRLError):
     """The pipeline graph is invalid; raised by ``Pipeline.validate`` before anything runs."""
 
 
-class ConfigError(StreamRLError):
-    """A configuration value is invalid."""
+class ConfigError(StreamRLError, ValueError):
+    """A configuration value or a constructor's argument is invalid.
+
+    It is a ``ValueError`` too, so ``except ValueError`` keeps catching a bad argument; the CLI exits with 2.
+    """
+
+
+class PipelineFileError(ConfigError):
+    """A pipeline file failed to import, or its ``build()`` raised or returned something else than a Pipeline.
+
+    The message names the file and line; the original exception is ``__cause__`` (``streamrl run --debug`` prints
+    its traceback).
+    """
+
+
+class RunDirError(ConfigError):
+    """The run directory is held by another live run (its pid is named), or holds a run that a fresh start would
+    overwrite (continue it with ``--resume DIR``, or pick a new ``--out``, or pass ``--overwrite``)."""
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint cannot be used: it holds a pickled object that loading would execute (refused, never run), it
+    is damaged and no older one loads, it is not a streamrl checkpoint, or saving it failed. The message names the
+    file; the CLI exits with 2 when it cannot resume."""
+
+
+class NonFiniteError(StreamRLError):
+    """A value the run must keep finite went NaN or infinite: a loss term or a gradient in a learner (the optimizer
+    step was not taken), or a tensor a checkpoint would hold (nothing was saved; the previous checkpoint stays).
+
+    The message names where (learner, optimizer step, loss term or parameter, first non-finite batch key, or the
+    checkpoint entry) and which check found it."""
 
 
 class StageFailed(StreamRLError):
@@ -64,16 +105,42 @@ class StageFailed(StreamRLError):
 
 
 class WorkerDied(StreamRLError):
-    """A worker process ended without reporting an error (killed, segfault, out of memory)."""
+    """A worker process ended without reporting an error (killed, crashed, out of memory).
 
-    def __init__(self, group: str, exitcode: int | None) -> None:
+    ``.group`` names its stage group, ``.pid`` the process, ``.exitcode`` how it ended (``-9``: SIGKILL)."""
+
+    def __init__(self, group: str, exitcode: int | None, pid: int | None = None) -> None:
         self.group = group
         self.exitcode = exitcode
-        super().__init__(
-            f"worker process of stage group {group!r} died (exit code {exitcode}); its stderr holds any traceback. "
-            "Look for an out-of-memory kill or a crash in the env or policy it runs; a script that runs a pipeline "
-            "with worker processes needs an `if __name__ == '__main__':` guard (workers import the main module)"
-        )
+        self.pid = pid
+        how = "closed its connection; its exit status is unknown" if exitcode is None else exit_status(exitcode)
+        if exitcode is None:
+            advice = "its stderr may say why"
+        elif exitcode == -signal.SIGKILL:
+            advice = ("SIGKILL comes from outside the process: the kernel's out-of-memory killer (see `dmesg`), a "
+                      "job scheduler's limit or a user")
+        elif exitcode < 0:
+            advice = "a crash in native code it runs (an env, a simulator, torch) or a signal from outside"
+        else:
+            how += " without reporting an error"
+            advice = ("its traceback, if any, is on stderr above; a script that runs a pipeline with worker processes "
+                      "needs an `if __name__ == '__main__':` guard (workers import the main module)")
+        if exitcode is not None and exitcode < 0:
+            how += f" (exit code {exitcode})"
+        super().__init__(f"worker process of stage group {group!r} (pid {pid}) died: {how}; {advice}")
+
+
+def exit_status(exitcode: int) -> str:
+    """How a child process ended, from its exit code: ``"killed by SIGKILL"`` (-9), ``"crashed with SIGSEGV"``
+    (-11), ``"exited with code 1"``."""
+    if exitcode >= 0:
+        return f"exited with code {exitcode}"
+    try:
+        name = signal.Signals(-exitcode).name
+    except ValueError:
+        name = f"signal {-exitcode}"
+    crash = name in ("SIGSEGV", "SIGBUS", "SIGABRT", "SIGILL", "SIGFPE")
+    return f"crashed with {name}" if crash else f"killed by {name}"
 
 
 class RemoteError(StreamRLError):
@@ -98,5 +165,39 @@ class EnvWorkerDied(EnvError):
         self.workers = workers
 
 
+class EnvStepTimeout(EnvError):
+    """An env's ``reset`` or ``step`` did not return within the env stage's ``step_timeout``.
+
+    ``.env`` names the env, ``.call`` the call (``"reset"``/``"step"``), ``.frames`` the env stage's frame count
+    when it hung (None when raised by the env itself), ``.workers`` the ``(index, pid)`` of the subprocess workers
+    that did not answer (they were killed).
+    """
+
+    def __init__(self, message: str, *, env: str, call: str, frames: int | None = None,
+                 workers: tuple[tuple[int, int | None], ...] = ()) -> None:
+        super().__init__(message)
+        self.env = env
+        self.call = call
+        self.frames = frames
+        self.workers = workers
+
+
 class StoreError(StreamRLError):
     """A replay store cannot be opened or is inconsistent."""
+
+
+class DiskFull(StreamRLError):
+    """The disk holding a run-directory file is full (``ENOSPC``); ``.path`` names the file being written."""
+
+    def __init__(self, path: str | Path, advice: str = "free space and run again") -> None:
+        self.path = Path(path)
+        self.advice = advice
+        super().__init__(f"disk full writing {self.path}: {advice}")
+
+    def __reduce__(self) -> tuple[type, tuple[Path, str]]:  # pickles across processes with its fields
+        return type(self), (self.path, self.advice)
+
+
+class StoreDiskFull(StoreError, DiskFull):
+    """A replay store's flush ran out of space (``ENOSPC``): ``.path`` names the store; the message says how many
+    rows were not committed. The committed rows stay intact; free space and resume."""

@@ -34,10 +34,11 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+import anyio
 import torch
 from tensordict import TensorDictBase
 
-from streamrl.errors import EndOfStream, StageFailed
+from streamrl.errors import ConfigError, EndOfStream, StageFailed
 from streamrl.streams import ReceiveStream, SendStream, open_stream
 
 if TYPE_CHECKING:
@@ -120,7 +121,7 @@ class Subscription:
 
     def __init__(self, name: str, handler: Handler, kinds: frozenset[str] | None, mode: Mode, capacity: int):
         if mode not in ("lockstep", "lossy"):
-            raise ValueError(f"subscription {name!r}: mode must be 'lockstep' or 'lossy', got {mode!r}")
+            raise ConfigError(f"subscription {name!r}: mode must be 'lockstep' or 'lossy', got {mode!r}")
         self.name = name
         self.handler = handler
         self.kinds = kinds
@@ -128,6 +129,7 @@ class Subscription:
         self.is_async = inspect.iscoroutinefunction(handler)
         self.excluded: frozenset[str] = frozenset()  # kinds a "*" subscription leaves out
         self.delivered = 0
+        self.abandoned = 0  # events a lossy subscription still buffered when its drain was cancelled
         self._send: SendStream[Event] | None = None
         self._receive: ReceiveStream[Event] | None = None
         if mode == "lossy":
@@ -135,7 +137,9 @@ class Subscription:
 
     @property
     def dropped(self) -> int:
-        return self._send.statistics().dropped if self._send is not None else 0
+        """Events this lossy subscription never handed to its hook: dropped when its buffer was full, or still
+        buffered when its drain was cancelled."""
+        return self._send.statistics().dropped + self.abandoned if self._send is not None else 0
 
     async def deliver(self, event: Event) -> None:
         if self._send is not None:
@@ -153,20 +157,30 @@ class Subscription:
             raise StageFailed(f"hook {self.name}", exc) from exc
 
     async def drain(self) -> None:
-        """Run a lossy subscription: hand buffered events to the handler until the bus closes."""
-        assert self._receive is not None, "only lossy subscriptions are drained"
-        while True:
-            try:
-                event = await self._receive.receive()
-            except EndOfStream:
-                return
-            self.delivered += 1
-            try:
-                result = self.handler(event)
-                if inspect.isawaitable(result):
-                    await result
-            except Exception as exc:
-                raise StageFailed(f"hook {self.name}", exc) from exc
+        """Run a lossy subscription: hand buffered events to the handler until the bus closes.
+
+        Cancelled, it stops at once (an async handler is cancelled where it awaits); the events it still buffered
+        are dropped and counted in :attr:`dropped`.
+        """
+        receive = self._receive
+        assert receive is not None, "only lossy subscriptions are drained"
+        try:
+            while True:
+                try:
+                    event = await receive.receive()
+                except EndOfStream:
+                    return
+                self.delivered += 1
+                try:
+                    result = self.handler(event)
+                    if inspect.isawaitable(result):
+                        await result
+                except Exception as exc:
+                    raise StageFailed(f"hook {self.name}", exc) from exc
+        except anyio.get_cancelled_exc_class():
+            self.abandoned += receive.statistics().depth
+            receive.close()
+            raise
 
     def close(self) -> None:
         if self._send is not None:
@@ -239,6 +253,24 @@ class EventBus:
 
     def lossy(self) -> list[Subscription]:
         return [s for s in self.subscriptions if s.mode == "lossy"]
+
+    async def drain_lossy(self, hurry: anyio.Event) -> None:
+        """Run every lossy subscription until the bus closes and each has handed its buffered events to its hook.
+
+        Once ``hurry`` is set (a second Ctrl-C), stop at once, however slow a hook is: what is still buffered is
+        dropped and counted (:attr:`Subscription.dropped`).
+        """
+        async with anyio.create_task_group() as tg:
+
+            async def stop_when_hurried() -> None:
+                await hurry.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(stop_when_hurried)
+            async with anyio.create_task_group() as drains:
+                for sub in self.lossy():
+                    drains.start_soon(sub.drain)
+            tg.cancel_scope.cancel()  # every subscription drained: nothing to hurry
 
     def close(self) -> None:
         """End every lossy subscription's stream: their drain tasks finish after the buffered events."""

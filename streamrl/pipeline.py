@@ -15,8 +15,12 @@ The graph is plain data; :mod:`streamrl.runtime` executes it. Build one in a pip
 
 Ports are addressed ``"stage.port"``. Several outputs may feed one input (fan-in); an output feeds exactly one
 input. An edge that crosses from one process to another needs capacity >= 1 (the buffer is what lets both sides
-run at once). Stages are grouped; a group's placement says where its stages run: ``"in_process"`` (the main
-event loop) or ``"worker_process"`` (a child process exchanging chunks and weights through shared memory).
+run at once). A cycle of stages needs something to start it: a source stage in it (env <-> policy) or an edge into
+it from outside (the learner's weights into that cycle); one with neither never starts, and ``validate`` refuses
+it, as it refuses a cycle of capacity-0 edges (a deadlock).
+
+Stages are grouped; a group's placement says where its stages run: ``"in_process"`` (the main event loop) or
+``"worker_process"`` (a child process exchanging chunks and weights through shared memory).
 """
 
 from __future__ import annotations
@@ -209,6 +213,7 @@ class Pipeline:
                     f"hook {hook.name!r} is placed in unknown group {group!r}; known: {list(self.groups)}"
                 )
         self._check_unbuffered_cycles()
+        self._check_cycles_have_a_start()
 
     def _check_port(self, stage: str, port: str, kind: str, edge: Edge) -> None:
         if stage not in self.stages:
@@ -248,5 +253,73 @@ class Pipeline:
             if state.get(node) is None:
                 visit(node, [node])
 
+    def _check_cycles_have_a_start(self) -> None:
+        """A cycle that holds no source stage and that no stage outside feeds never starts: each stage in it waits
+        for the one before, forever (buffering does not help: the buffers stay empty)."""
+        graph: dict[str, list[str]] = {name: [] for name in self.stages}
+        for e in self.edges:
+            graph[e.src_stage].append(e.dst_stage)
+        for members in _strongly_connected(graph):
+            first = next(iter(members))
+            if len(members) == 1 and first not in graph[first]:
+                continue  # a single stage outside any cycle
+            if any(self.stages[name].source for name in members):
+                continue
+            if any(e.dst_stage in members and e.src_stage not in members for e in self.edges):
+                continue
+            cycle = _cycle_within(graph, members)
+            raise PipelineError(
+                f"stages {' -> '.join(cycle)} form a cycle that nothing starts: none of them is a source stage "
+                "and no stage outside the cycle feeds it, so each waits for the one before it forever; every cycle "
+                "needs a source stage feeding it (connect one to a stage of the cycle), or a stage in it must be a "
+                "source (source = True, like EnvStage)"
+            )
+
     def stages_in(self, process: str) -> list[Stage]:
         return [s for n, s in self.stages.items() if self.process_of(n) == process]
+
+
+def _strongly_connected(graph: dict[str, list[str]]) -> list[set[str]]:
+    """The strongly connected components of a directed graph (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    components: list[set[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in graph[node]:
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = set()
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.add(member)
+                if member == node:
+                    break
+            components.append(component)
+
+    for node in graph:
+        if node not in index:
+            visit(node)
+    return components
+
+
+def _cycle_within(graph: dict[str, list[str]], members: set[str]) -> list[str]:
+    """A cycle through the stages of one strongly connected component, as a path that returns to its start."""
+    start = min(members)
+    path, seen = [start], {start}
+    while True:
+        nxt = min(n for n in graph[path[-1]] if n in members)
+        if nxt in seen:
+            return path[path.index(nxt):] + [nxt]
+        path.append(nxt)
+        seen.add(nxt)

@@ -58,8 +58,20 @@ log = structlog.get_logger("streamrl.placement")
 _HEADER = 4
 
 
-class _PeerGone(Exception):
-    """The other process closed the socket."""
+class _PeerGone(ConnectionError):
+    """The other process is gone: its socket reads end-of-file, or a write to it failed.
+
+    Every failure of the socket comes out as this one error: a write racing the peer's death fails in several ways
+    (``BrokenPipeError`` on the first write, ``ConnectionResetError`` from ``drain``, and from uvloop a
+    ``RuntimeError`` "unable to perform operation on <UnixTransport closed=True>" on any write after that), and
+    none of them is the run's error: the read loop reports why the peer went (:class:`WorkerDied` or its error).
+    """
+
+
+def _frame(message: tuple[Any, ...], body: bytes = b"") -> bytes:
+    """One message as sent over a bridge's socket: two 4-byte lengths, the pickled header, the payload."""
+    head = pickle.dumps(message, protocol=5)
+    return len(head).to_bytes(_HEADER, "big") + len(body).to_bytes(_HEADER, "big") + head + body
 
 
 def _signature(td: TensorDictBase) -> tuple[Any, ...]:
@@ -81,14 +93,21 @@ class _Channel:
         self.writer = writer
 
     def write(self, message: tuple[Any, ...], shared: Any = None) -> None:
-        """Queue a message without waiting (the transport buffers it)."""
-        head = pickle.dumps(message, protocol=5)
+        """Queue a message without waiting (the transport buffers it); :class:`_PeerGone` if the peer is gone."""
         body = bytes(ForkingPickler.dumps(shared)) if shared is not None else b""
-        self.writer.write(len(head).to_bytes(_HEADER, "big") + len(body).to_bytes(_HEADER, "big") + head + body)
+        if self.writer.is_closing():
+            raise _PeerGone("the other process closed the connection")
+        try:
+            self.writer.write(_frame(message, body))
+        except (RuntimeError, OSError) as exc:  # uvloop: RuntimeError once the transport closed
+            raise _PeerGone(str(exc)) from exc
 
     async def send(self, message: tuple[Any, ...], *, shared: Any = None) -> None:
         self.write(message, shared)
-        await self.writer.drain()
+        try:
+            await self.writer.drain()
+        except (RuntimeError, OSError) as exc:
+            raise _PeerGone(str(exc)) from exc
 
     async def receive(self) -> tuple[tuple[Any, ...], bytes]:
         """The next message and its still-pickled shared payload (``b""`` if none)."""
@@ -142,7 +161,7 @@ class _Outbound:
                     self.local.waited_s += time.perf_counter() - start
                 self.in_flight += 1
                 await self._ship(item)
-        except (ConnectionError, OSError):
+        except _PeerGone:
             return  # the other process is gone; the read loop reports why
         finally:
             self.done.set()
@@ -204,7 +223,7 @@ class _Inbound:
                         await self.local.send(item)
                     except BrokenStreamError:
                         consumer_gone = True  # keep acking so the other side can finish
-        except (ConnectionError, OSError):
+        except _PeerGone:
             return  # the other process is gone; the read loop reports why
         finally:
             self.local.close()
@@ -367,9 +386,8 @@ class WorkerGroup:
         ctx = worker_context()
         # Not a daemon: a group's envs may start their own subprocess workers. The worker exits when this process
         # goes away (its socket reports EOF), and run() reaps it on every exit path.
-        self.process = ctx.Process(
-            target=worker_main, args=(child_sock, self.preload, spec), name=f"streamrl-{self.group}", daemon=False
-        )
+        self.process = ctx.Process(target=worker_main, args=(child_sock, self.group, self.preload, spec),
+                                   name=f"streamrl-{self.group}", daemon=False)
         self._events, self._events_out = open_stream(256, name=f"events from {self.group}")
         try:
             try:
@@ -396,10 +414,9 @@ class WorkerGroup:
                 self._events.close()
                 if self._error is not None:
                     raise self._error
-                if not self._finished:
+                if not self._finished:  # it died: reap it to learn how (the signal that killed it)
                     await anyio.to_thread.run_sync(self.process.join, 2.0)
-                    if self._error is None:
-                        raise WorkerDied(self.group, self.process.exitcode)
+                    raise WorkerDied(self.group, self.process.exitcode, self.process.pid)
                 for inb in bridge.inbound.values():  # deliver what already arrived
                     await inb.done.wait()
                 await events_delivered.wait()
@@ -413,7 +430,7 @@ class WorkerGroup:
         await self.run_ctx.stop_event.wait()
         try:
             await channel.send(("stop", self.run_ctx.stop_reason))
-        except (ConnectionError, OSError):
+        except _PeerGone:
             pass
 
     async def _reap(self, sock: socket.socket) -> None:
@@ -424,15 +441,17 @@ class WorkerGroup:
                 if proc is not None and proc.is_alive():
                     self._channel.write(("cancel",))
                 self._channel.close()
-            except (ConnectionError, OSError, RuntimeError):
+            except _PeerGone:
                 pass
         sock.close()
         if proc is None or proc.pid is None:
             return
-        await anyio.to_thread.run_sync(proc.join, self.exit_timeout)  # its stages close (and flush) first
+        give_up_at = anyio.current_time() + self.exit_timeout  # its stages close (and flush) first
+        while proc.is_alive() and anyio.current_time() < min(give_up_at, self.run_ctx.hurry_by or give_up_at):
+            await anyio.to_thread.run_sync(proc.join, 0.1)  # short waits: a second Ctrl-C shortens the deadline
         if proc.is_alive():
             log.warning("worker did not exit in time; killing it", group=self.group, pid=proc.pid,
-                        timeout_s=self.exit_timeout)
+                        timeout_s=self.exit_timeout, hurried=self.run_ctx.hurry_by is not None)
             proc.kill()
             await anyio.to_thread.run_sync(proc.join, 2.0)
 
@@ -443,21 +462,41 @@ async def _drain_then_set(sub: Any, drained: anyio.Event) -> None:
     drained.set()
 
 
-def worker_main(sock: socket.socket, preload: list[tuple[str, str]], spec_bytes: bytes) -> None:
-    """Entry point of a worker process (spawned): rebuild the group, run it, report how it ended."""
+def worker_main(sock: socket.socket, group: str, preload: list[tuple[str, str]], spec_bytes: bytes) -> None:
+    """Entry point of a worker process (forked by the fork server): rebuild the group, run it, report how it ended.
+
+    A worker that cannot rebuild its group (the pipeline module fails to import here, a stage class cannot be
+    found) reports that error to the main process, which raises it as the run's error, before exiting with 1.
+    """
     # Ctrl-C (and a SIGTERM sent to the whole process group) reach the worker too; the main process decides how
     # to stop and tells the worker; a worker whose main process is gone notices the closed socket and exits.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from streamrl.loader import load_module
+    try:
+        from streamrl.loader import load_module
 
-    for module_name, path in preload:
-        load_module(path, module_name)
-    spec: _WorkerSpec = pickle.loads(spec_bytes)
+        for module_name, path in preload:
+            load_module(path, module_name)
+        spec: _WorkerSpec = pickle.loads(spec_bytes)
+    except BaseException as exc:
+        _report_start_failure(sock, group, preload, exc)
+        sys.exit(1)
     torch.set_num_threads(spec.threads)
     seed_everything(spec.seed)
     code = anyio.run(_worker_async, sock, spec, backend="asyncio", backend_options=loop_options())
     sys.exit(code)
+
+
+def _report_start_failure(sock: socket.socket, group: str, preload: list[tuple[str, str]], exc: BaseException) -> None:
+    """Tell the main process why this worker could not rebuild its group (as an ``error`` message)."""
+    what = ", ".join(path for _, path in preload) or "the pickled stages"
+    text = (f"{exc} (the worker process of group {group!r} failed to start while importing {what}: a worker "
+            "imports the pipeline module and the stages' classes as the main process does)")
+    tb = "".join(traceback.format_exception(exc))
+    try:
+        sock.sendall(_frame(("error", f"group {group}", type(exc).__name__, text, tb)))
+    except OSError:
+        pass  # the main process is gone too
 
 
 async def _worker_async(sock: socket.socket, spec: _WorkerSpec) -> int:
@@ -498,7 +537,7 @@ async def _worker_body(sock: socket.socket, spec: _WorkerSpec) -> int:
         if not stop_from_main:
             try:
                 await channel.send(("stop", run.stop_reason))
-            except (ConnectionError, OSError):
+            except _PeerGone:
                 pass
 
     async def forward(event: Event) -> None:
@@ -586,6 +625,6 @@ async def _worker_body(sock: socket.socket, spec: _WorkerSpec) -> int:
                 else:
                     await channel.send(("done",))
                 channel.close()
-            except (ConnectionError, OSError):
+            except _PeerGone:
                 pass
     return 1 if failure is not None else 0

@@ -15,12 +15,14 @@ What happens:
    * a stage raises → every other stage is cancelled, the run raises :class:`StageFailed` naming the stage,
      with the original exception as its cause;
    * a stop is requested (SIGINT/SIGTERM, or a hook such as a solved evaluation) → sources return at their
-     next chunk, the pipeline drains for up to ``drain_timeout`` seconds, then what is left is cancelled.
-     A second SIGINT cancels at once.
+     next chunk, the pipeline drains for up to ``drain_timeout`` seconds, then what is left is cancelled;
+   * a second SIGINT/SIGTERM ends the run now, however slow its hooks: the stages and the lossy hooks'
+     deliveries are cancelled (their buffered events are dropped and counted), and the closes still to run share
+     ``HURRY_S`` (one second); a worker process that has not exited by then is killed.
 
-4. On every exit path, shielded from cancellation: each stage's ``close`` (the replay store flushes), each
-   hook's ``close`` (metrics, checkpoint), then ``summary.json`` with the run's figures, per-stream statistics
-   and per-stage busy fractions naming the bottleneck.
+4. On every exit path, shielded from cancellation: each stage's ``close`` (the replay store flushes; 60 s at
+   most), each hook's ``close`` (metrics, checkpoint; 120 s at most), then ``summary.json`` with the run's
+   figures, per-stream statistics and per-stage busy fractions naming the bottleneck.
 
 A process in which no stage trains (``Stage.needs_grad``) runs in ``torch.inference_mode()`` from start to end.
 Each worker process uses one torch thread; when there are workers, the main process uses the remaining cores.
@@ -35,11 +37,13 @@ import importlib.util
 import os
 import random
 import signal
+import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -48,14 +52,16 @@ import numpy as np
 import structlog
 import torch
 
-from streamrl.errors import BrokenStreamError, StageFailed
+from streamrl.errors import BrokenStreamError, DiskFull, StageFailed, WorkerDied
 from streamrl.events import EventBus, Hook
 from streamrl.pipeline import MAIN, Pipeline
+from streamrl.rundir import resume_advice
 from streamrl.stages.base import Stage, StageContext
 from streamrl.summary import RunRecorder, write_json
 from streamrl.wiring import Wiring, wire
 
 log = structlog.get_logger("streamrl.runtime")
+HURRY_S = 1.0  # seconds the closes left get in all after a second Ctrl-C: the process exits well within 2 s
 
 
 def loop_options() -> dict[str, Any]:
@@ -98,10 +104,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rng_state() -> dict[str, Any]:
+    """torch's, numpy's and Python's global RNG states, as tensors and plain containers (a checkpoint loads them
+    with ``torch.load(weights_only=True)``: numpy's key array travels as an int64 tensor)."""
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    numpy_state = {"bit_generator": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
+    return {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
+
+
 def restore_rng(state: dict[str, Any]) -> None:
-    """Set torch's, numpy's and Python's RNGs to a checkpoint's states."""
+    """Set torch's, numpy's and Python's RNGs to what :func:`rng_state` returned."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["bit_generator"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     random.setstate(state["python"])
 
 
@@ -132,7 +149,10 @@ class RunContext:
         self.stop_reason: str | None = None
         self.stop_event = anyio.Event()
         self.cancel_now = anyio.Event()
+        self.hurry_by: float | None = None  # after a second signal: anyio.current_time() by which closes must end
+        self.closing: anyio.CancelScope | None = None  # the close in progress, which a second signal cuts short
         self.finalizing = False  # stages ended; closing the store, hooks and summary
+        self.error: BaseException | None = None  # what the run fails with, set before the hooks close
 
     def request_stop(self, reason: str) -> None:
         """Ask sources to stop; the pipeline then drains. Safe to call more than once."""
@@ -140,6 +160,15 @@ class RunContext:
             self.stopping = True
             self.stop_reason = reason
             self.stop_event.set()
+
+    def hurry(self) -> None:
+        """End the run now (a second Ctrl-C): cancel the stages and the lossy hooks' deliveries; the closes still
+        to run (store, hooks, worker processes) share :data:`HURRY_S` seconds, then ``summary.json`` is written."""
+        if self.hurry_by is None:
+            self.hurry_by = anyio.current_time() + HURRY_S
+            self.cancel_now.set()
+            if self.closing is not None:
+                self.closing.deadline = min(self.closing.deadline, self.hurry_by)
 
     def elapsed(self) -> float:
         return self.bus.now()
@@ -175,7 +204,8 @@ async def _run_stage(stage: Stage, ctx: StageContext) -> None:
 
 
 def _first_failure(exc: BaseException) -> BaseException:
-    """Pick the error to report from a (nested) exception group: a StageFailed if there is one."""
+    """Pick the error to report from a (nested) exception group: a dead worker process (the root cause of whatever
+    its death made other stages raise), else a StageFailed, else the first that is not a cancellation."""
     if isinstance(exc, BaseExceptionGroup):
         leaves = []
         stack: list[BaseException] = [exc]
@@ -185,9 +215,10 @@ def _first_failure(exc: BaseException) -> BaseException:
                 stack.extend(e.exceptions)
             else:
                 leaves.append(e)
-        for leaf in leaves:
-            if isinstance(leaf, StageFailed):
-                return leaf
+        for kind in (WorkerDied, StageFailed):
+            for leaf in leaves:
+                if isinstance(leaf, kind):
+                    return leaf
         for leaf in leaves:
             if not isinstance(leaf, anyio.get_cancelled_exc_class()):
                 return leaf
@@ -196,20 +227,23 @@ def _first_failure(exc: BaseException) -> BaseException:
 
 
 async def _watch_signals(run: RunContext, received: list[int], *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
-    """SIGINT/SIGTERM: the first stops the run (drain), the second cancels it. The receiver stays open until the
-    summary is written, so a signal during the flush is noted instead of killing the process mid-write."""
+    """SIGINT/SIGTERM: the first stops the run (drain), the second ends it now (:meth:`RunContext.hurry`). The
+    receiver stays open until the summary is written, so a signal during the flush is noted instead of killing the
+    process mid-write."""
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         task_status.started()
         async for signum in signals:
             received.append(signum)
-            if run.finalizing:
-                log.warning("already stopping; flushing the store, metrics and checkpoint first", signal=signum)
-            elif len(received) == 1:
-                name = "interrupted" if signum == signal.SIGINT else "terminated"
-                log.warning("stop requested by signal; draining (send it again to cancel at once)", signal=signum)
-                run.request_stop(name)
+            if len(received) > 1:
+                log.warning("second signal: ending now; the store, hooks and summary get a second", signal=signum)
+                run.hurry()
+            elif run.finalizing:
+                log.warning("already stopping; flushing the store, metrics and checkpoint first (send it again to "
+                            "cut that short)", signal=signum)
             else:
-                run.cancel_now.set()
+                name = "interrupted" if signum == signal.SIGINT else "terminated"
+                log.warning("stop requested by signal; draining (send it again to end at once)", signal=signum)
+                run.request_stop(name)
 
 
 async def _watch_stop(run: RunContext, stages_scope: anyio.CancelScope, drain_timeout: float) -> None:
@@ -332,8 +366,7 @@ async def _run_and_finalize(
         await bus.publish("run_start", pipeline.name,
                           {"run_dir": str(run.run_dir), "seed": run.seed, "device": str(run.device)})
         async with anyio.create_task_group() as outer:
-            for sub in bus.lossy():
-                outer.start_soon(sub.drain)
+            outer.start_soon(bus.drain_lossy, run.cancel_now)
             watch_scope = anyio.CancelScope()
             stages_scope = anyio.CancelScope()
 
@@ -356,6 +389,7 @@ async def _run_and_finalize(
         error = _first_failure(exc)
     finally:
         run.finalizing = True
+        run.error = error  # a hook's close may depend on it (no checkpoint of a learner stopped by NaNs)
         with anyio.CancelScope(shield=True):
             close_errors = await _finalize(contexts, started_hooks, run)
     wall = time.perf_counter() - started
@@ -371,8 +405,11 @@ async def _run_and_finalize(
         exit_reason = "completed"
     assert run.recorder is not None
     summary = _summary(pipeline, run.recorder, wall, wiring, contexts, workers, bus, run, exit_reason, error)
-    with anyio.CancelScope(shield=True):
-        write_json(run.run_dir / "summary.json", summary)
+    try:
+        write_json(run.run_dir / "summary.json", summary, advice=resume_advice(run.run_dir))
+    except DiskFull as exc:  # no room for the summary either: say so, and fail with the first error
+        print(f"streamrl: could not write summary.json: {exc}", file=sys.stderr)
+        error = error or exc
     return error, summary
 
 
@@ -380,19 +417,34 @@ async def _finalize(contexts: list[StageContext], hooks: list[Hook], run: RunCon
     errors: list[BaseException] = []
     for ctx in contexts:
         try:
-            with anyio.fail_after(60):
-                await ctx.stage.close(ctx)
+            await _bounded_close(run, 60, partial(ctx.stage.close, ctx), f"stage {ctx.name}")
         except Exception as exc:  # keep closing the others
             log.error("stage close failed", stage=ctx.name, error=repr(exc))
             errors.append(StageFailed(ctx.name, exc))
     for hook in reversed(hooks):
         try:
-            with anyio.fail_after(120):
-                await hook.close(run)
+            await _bounded_close(run, 120, partial(hook.close, run), f"hook {hook.name}")
         except Exception as exc:
             log.error("hook close failed", hook=hook.name, error=repr(exc), traceback=traceback.format_exc())
             errors.append(StageFailed(f"hook {hook.name}", exc))
     return errors
+
+
+async def _bounded_close(run: RunContext, seconds: float, close: Callable[[], Awaitable[None]], what: str) -> None:
+    """Await ``close()`` for at most ``seconds`` (then ``TimeoutError``); once the run is hurried (a second signal,
+    before or during the close), only until ``run.hurry_by``: cut short by the user, that is logged, not raised."""
+    deadline = anyio.current_time() + seconds
+    with anyio.CancelScope(deadline=deadline if run.hurry_by is None else min(deadline, run.hurry_by)) as scope:
+        run.closing = scope
+        try:
+            await close()
+        finally:
+            run.closing = None
+    if scope.cancelled_caught:
+        if run.hurry_by is not None:
+            log.warning("close cut short by the second signal", what=what)
+            return
+        raise TimeoutError(f"{what} did not close within {seconds} s")
 
 
 def _summary(

@@ -39,7 +39,7 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any, Generic, Literal, TypeVar
 
-from streamrl.errors import BrokenStreamError, ClosedStreamError, EndOfStream, WouldBlock
+from streamrl.errors import BrokenStreamError, ClosedStreamError, ConfigError, EndOfStream, WouldBlock
 
 T = TypeVar("T")
 Overflow = Literal["block", "drop_oldest"]
@@ -389,10 +389,10 @@ def open_stream(
     ``capacity`` is the number of items buffered (0 = rendezvous); ``overflow="drop_oldest"`` makes it lossy.
     """
     if not isinstance(capacity, int) or capacity < 0:
-        raise ValueError(f"stream {name!r}: capacity must be an int >= 0, got {capacity!r}")
+        raise ConfigError(f"stream {name!r}: capacity must be an int >= 0, got {capacity!r}")
     if overflow not in ("block", "drop_oldest"):
-        raise ValueError(f"stream {name!r}: overflow must be 'block' or 'drop_oldest', got {overflow!r}")
+        raise ConfigError(f"stream {name!r}: overflow must be 'block' or 'drop_oldest', got {overflow!r}")
     if overflow == "drop_oldest" and capacity < 1:
-        raise ValueError(f"stream {name!r}: a lossy (drop_oldest) stream needs capacity >= 1, got {capacity}")
+        raise ConfigError(f"stream {name!r}: a lossy (drop_oldest) stream needs capacity >= 1, got {capacity}")
     state = _State(name, capacity, overflow)
     return SendStream(state), ReceiveStream(state)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from streamrl.events import Event
+from streamrl.rundir import on_disk_full
 
 
 class _MinMeanMax:
@@ -132,12 +133,21 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON atomically (temporary file + rename), so a crash never leaves half a file."""
+def write_json(path: Path, payload: dict[str, Any], *, advice: str = "free space and run again") -> None:
+    """Write JSON atomically (temporary file + rename), so a crash never leaves half a file.
+
+    A full disk raises :class:`~streamrl.errors.DiskFull` naming ``path`` (with ``advice``: what to do), and the
+    temporary file is removed: the old file, if any, stays whole, and no ``*.tmp`` is left behind.
+    """
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(_clean(payload), f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with on_disk_full(path, advice):
+            with open(tmp, "w") as f:
+                json.dump(_clean(payload), f, indent=2, sort_keys=False)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

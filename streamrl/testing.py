@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -171,6 +172,44 @@ class FailingCartPole(gym.Wrapper):  # type: ignore[type-arg]
 
 if "streamrl/FailingCartPole-v0" not in gym.registry:  # make it as "streamrl.testing:streamrl/FailingCartPole-v0"
     gym.register("streamrl/FailingCartPole-v0", entry_point="streamrl.testing:FailingCartPole")
+
+
+class HangingCartPole(gym.Wrapper):  # type: ignore[type-arg]
+    """CartPole whose ``hang_at``-th step (0: its first reset) never returns, for step-timeout tests.
+
+    It blocks in one call (``threading.Event.wait``) until :attr:`release` is set, like an env waiting on a
+    simulator that went away; a test sets it to free a thread that was left behind. ``stamp`` names a file that
+    receives ``time.time()`` when it starts hanging, so a test can time what follows.
+    """
+
+    release = threading.Event()
+
+    def __init__(self, hang_at: int = 1, stamp: str | None = None, **kwargs: Any) -> None:
+        super().__init__(gym.make("CartPole-v1", **kwargs))
+        self.hang_at = hang_at
+        self.stamp = stamp
+        self.steps = 0
+
+    def reset(self, **kwargs: Any) -> Any:
+        if self.hang_at == 0:
+            self._hang()
+        return self.env.reset(**kwargs)
+
+    def step(self, action: Any) -> Any:
+        self.steps += 1
+        if self.steps == self.hang_at:
+            self._hang()
+        return self.env.step(action)
+
+    def _hang(self) -> None:
+        if self.stamp:
+            with open(self.stamp, "w") as f:
+                f.write(repr(time.time()))
+        self.release.wait()
+
+
+if "streamrl/HangingCartPole-v0" not in gym.registry:  # make it as "streamrl.testing:streamrl/HangingCartPole-v0"
+    gym.register("streamrl/HangingCartPole-v0", entry_point="streamrl.testing:HangingCartPole")
 
 
 def random_chunks(n: int, num_envs: int = 2, steps: int = 4, obs_dim: int = 4, seed: int = 0) -> list[Any]:

@@ -66,8 +66,9 @@ def test_cycle_without_buffering_is_rejected_and_named():
     p.connect("a.items", "b.items", capacity=0).connect("b.items", "a.items", capacity=0)
     with pytest.raises(PipelineError, match=r"stages a -> b -> a form a cycle with no buffering.*capacity >= 1"):
         p.validate()
-    buffered = Pipeline("cyc").add(Relay("a"), Relay("b"))
+    buffered = Pipeline("cyc").add(Relay("a"), Relay("b"), ListSource("src", [1]))  # a source feeds the cycle
     buffered.connect("a.items", "b.items", capacity=0).connect("b.items", "a.items", capacity=1)
+    buffered.connect("src.items", "a.items", capacity=1)
     buffered.validate()
 
 

@@ -131,7 +131,8 @@ def test_a_worker_killed_with_sigkill_ends_the_run_with_worker_died(tmp_path):
     p.add(killer)
     p.connect("env.chunks", "killer.chunks")
     p.place("collect", "worker_process")
-    with pytest.raises(WorkerDied, match=r"worker process of stage group 'collect' died \(exit code -9\)"):
+    with pytest.raises(WorkerDied, match=r"worker process of stage group 'collect' \(pid \d+\) died: killed by "
+                                         r"SIGKILL \(exit code -9\)"):
         streamrl.run(p, tmp_path, handle_signals=False)
     assert time.perf_counter() - killer.killed_at < 5
     assert not children()

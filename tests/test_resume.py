@@ -103,6 +103,7 @@ def test_restore_loads_the_learner_limiter_and_store_and_epsilon_follows_frames(
     for name, value in learner.loss.state_dict().items():
         assert torch.equal(value, saved["loss"][name]), name
     writer = pipeline.stages["writer"]
+    writer.buffer.attach(run_dir)  # the store's path is relative to the run dir: the writer loads it when it runs
     assert writer.buffer.limiter.inserts == saved_inserts(checkpoint)
     assert len(writer.buffer.storage) == min(checkpoint["frames"], cfg.buffer_size)
     assert pipeline.stages["env"].frames == checkpoint["frames"]

@@ -237,9 +237,9 @@ def test_check_names_a_committed_cursor_ahead_of_the_chunk_files(tmp_path, capsy
 
 def test_check_names_attrs_that_disagree_with_the_arrays(wrapped, tmp_path):
     g = zarr.open_group(str(wrapped), mode="r+")
-    g.attrs["committed"] = {**g.attrs["committed"], "size": 49}
+    g.attrs["committed"] = {**g.attrs["committed"], "size": 51}  # 49 would be a repaired store's: fine
     [problem] = check_store(wrapped)
-    assert problem.where == "committed" and "size == min(rows, capacity)" in problem.message
+    assert problem.where == "committed" and "size <= min(rows, capacity)" in problem.message
     other = make_store(tmp_path / "other.zarr", capacity=50, block_rows=8, total=60)
     shutil.rmtree(other / "action")
     zarr.open_group(str(other), mode="r+").create_array("extra", shape=(4,), dtype="int64")

@@ -80,7 +80,7 @@ def test_plain_zarr_and_numpy_read_the_committed_rows(tmp_path):
     s.flush()
     g = zarr.open_group(str(path), mode="r")
     c = g.attrs["committed"]
-    assert c == {"rows": 45, "size": 20, "disk_rows": 25}
+    assert {k: c[k] for k in ("rows", "size", "disk_rows")} == {"rows": 45, "size": 20, "disk_rows": 25}
     order = np.arange(c["rows"] - c["size"], c["rows"]) % c["disk_rows"]
     assert np.array_equal(g["write_index"][:][order], np.arange(25, 45))
     assert g["next/reward"].dtype == np.float64 and g["pixels"].shape == (25, 4, 4)
@@ -104,37 +104,47 @@ def test_an_interrupted_creation_is_named_and_leftovers_are_removed(tmp_path):
     assert len(ZarrStorage.open(tmp_path / "ok.zarr")) == 4 and not leftover.exists()
 
 
-def _write_forever(path, ready):
-    """The writer a test kills: reopen the store, then append rows in random-sized chunks and flush, forever."""
+def _write_forever(path, ready, partial_share):
+    """The writer a test kills: reopen the store, then append rows in random-sized chunks and flush, forever;
+    ``partial_share`` of the flushes commit the incomplete block too (as the writer stage's timed commits do)."""
     store = ZarrStorage.open(path)
     rng = random.Random(os.getpid())
     ready.set()
     while True:
         store.extend(rows(store.total_written, rng.randint(1, 23)))
-        store.flush(partial=rng.random() < 0.2)
+        store.flush(partial=rng.random() < partial_share)
 
 
-@pytest.mark.parametrize("fsync", [False, True])
-def test_a_writer_killed_at_random_instants_leaves_a_store_whose_committed_rows_are_all_intact(tmp_path, fsync):
+@pytest.mark.parametrize(("fsync", "capacity", "block_rows", "partial_share", "min_kills"), [
+    (False, 96, 16, 0.2, 20),
+    (True, 96, 16, 0.2, 5),  # fsync is slow
+    (False, 120, 100, 1.0, 10),  # a large block, committed partially again and again: killed mid-rewrite
+])
+def test_a_writer_killed_at_random_instants_leaves_a_store_whose_committed_rows_are_all_intact(
+        tmp_path, fsync, capacity, block_rows, partial_share, min_kills):
     path = tmp_path / "crash.zarr"
-    store = ZarrStorage(96, path=path, block_rows=16, fsync=fsync)
+    store = ZarrStorage(capacity, path=path, block_rows=block_rows, fsync=fsync)
     store.extend(rows(0, 5))
     store.close()
     ctx = multiprocessing.get_context("fork")  # no re-import: each kill costs milliseconds, not seconds
     rng = random.Random(0)
     committed = [5]
-    for _ in range(20 if not fsync else 5):
+    kills = 0
+    while kills < min_kills or committed[-1] <= capacity * 3:  # and on until the ring wrapped three times
+        assert kills < 200, f"the writer barely wrote: {committed}"
         ready = ctx.Event()
-        writer = ctx.Process(target=_write_forever, args=(path, ready))
+        writer = ctx.Process(target=_write_forever, args=(path, ready, partial_share))
         writer.start()
         assert ready.wait(30), "the writer did not start"
         time.sleep(rng.uniform(0.0, 0.15))
         os.kill(writer.pid, signal.SIGKILL)
         writer.join()
+        kills += 1
         assert [p for p in check_store(path) if not p.warning] == []  # `store check` passes (exit 0)
         again = ZarrStorage.open(path)
         assert again.total_written >= committed[-1]  # a commit is never lost
         committed.append(again.total_written)
         assert_rows_are_their_write_index(held_rows(again))
-        assert len(again) == min(again.total_written, 96)
-    assert committed[-1] > 96 * 3, f"the writer barely wrote: {committed}"  # the ring wrapped several times
+        assert len(again) == min(again.total_written, capacity)
+    if partial_share == 1.0:  # the kills fell inside blocks, not only between them
+        assert any(c % block_rows for c in committed[1:])

@@ -24,9 +24,10 @@ kept, with the JSON in ``DIR/bench_replay.json``).
   for every storage in a round); rows/s and mean microseconds per batch. The memory-mapped store is read once
   whole before timing, so its chunk files are in the page cache and mapped (warm, as in a long run).
 * **extend**: chunks of 1024 rows (vector) or 256 rows (frames) into a full ring (steady state: overwriting).
-  A zarr store is flushed after every extend, as the writer stage does (``flush`` writes whole blocks only, each
-  followed by a commit), with ``fsync=False`` and with ``fsync=True`` ("durable": every block synced to the
-  device before its commit); zarr extends are timed on a fraction of the ring (the row counts are printed).
+  A zarr store is flushed after every extend, as the writer stage does (``flush`` writes whole blocks, each
+  followed by a commit, and the partial block once its rows waited ``commit_every_s``, 1 s), with
+  ``fsync=False`` and with ``fsync=True`` ("durable": every block synced to the device before its commit); zarr
+  extends are timed on a fraction of the ring (the row counts are printed).
 
 The zarr store is measured in two phases: in_ram=True (created and filled, then closed) and in_ram=False (the
 same directory reopened). The RAM baselines run in both phases, alternating with the zarr store in short
@@ -181,7 +182,8 @@ def sample_segment(get: Callable[[torch.Tensor], object], indices: torch.Tensor)
 
 def extend_segment(extend: Callable[[Chunk], object], pool: list[Chunk], rows: int,
                    store: ZarrStorage | None = None) -> tuple[float, float]:
-    """(seconds, of which flushing) to extend ``rows`` rows in the pool's chunks, flushing ``store`` after each."""
+    """(seconds, of which flushing) to extend ``rows`` rows in the pool's chunks, flushing ``store`` after each as
+    the writer stage does (whole blocks, and the partial block once its rows waited ``commit_every_s``)."""
     n = len(pool[0].td)
     flush_s = 0.0
     start = time.perf_counter()
@@ -189,7 +191,7 @@ def extend_segment(extend: Callable[[Chunk], object], pool: list[Chunk], rows: i
         extend(pool[i % len(pool)])
         if store is not None:
             t = time.perf_counter()
-            store.flush()
+            store.flush(partial=store.commit_due())
             flush_s += time.perf_counter() - t
     return time.perf_counter() - start, flush_s
 

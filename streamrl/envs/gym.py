@@ -43,8 +43,8 @@ from tensordict import TensorDict, TensorDictBase
 
 from streamrl.envs.base import EnvBase, as_tensordict
 from streamrl.envs.specs import Categorical, Composite, Spec, spec_from_space
-from streamrl.envs.workers import async_vector_env, raise_if_workers_died, watch_workers
-from streamrl.errors import EnvError
+from streamrl.envs.workers import WatchWorkers, async_vector_env, raise_if_workers_died, watch_workers
+from streamrl.errors import ConfigError, EnvError
 
 Backend = Literal["auto", "native", "sync", "subprocess"]
 
@@ -79,11 +79,11 @@ class GymEnv(EnvBase):
         **make_kwargs: Any,
     ) -> None:
         if num_envs < 1:
-            raise ValueError(f"GymEnv({name!r}): num_envs must be >= 1, got {num_envs}")
+            raise ConfigError(f"GymEnv({name!r}): num_envs must be >= 1, got {num_envs}")
         if backend not in ("auto", "native", "sync", "subprocess"):
-            raise ValueError(f"GymEnv({name!r}): backend must be auto/native/sync/subprocess, got {backend!r}")
+            raise ConfigError(f"GymEnv({name!r}): backend must be auto/native/sync/subprocess, got {backend!r}")
         if frame_skip < 1:
-            raise ValueError(f"GymEnv({name!r}): frame_skip must be >= 1, got {frame_skip}")
+            raise ConfigError(f"GymEnv({name!r}): frame_skip must be >= 1, got {frame_skip}")
         self.name = name
         self.num_envs = num_envs
         self.batch_size = torch.Size([num_envs])
@@ -98,6 +98,7 @@ class GymEnv(EnvBase):
         self._env: Any = None
         self._pending_reset: np.ndarray | None = None
         self._current: dict[str, np.ndarray] | None = None  # the TensorDict API's latest root observations
+        self._step_timeout: float | None = None
         self.autoreset: Literal["next_step", "same_step"] = "same_step"
 
     # -- lifecycle -----------------------------------------------------------------------------------------
@@ -166,7 +167,8 @@ class GymEnv(EnvBase):
                                          vector_kwargs=kwargs, wrappers=self._wrappers(), **make_kwargs)
         except gym.error.Error as exc:
             raise EnvError(f"cannot make gymnasium env {self.name!r} with backend {backend!r}: {exc}") from exc
-        self._env = watch_workers(self._env, self.name)  # worker deaths and errors name the env and the worker
+        # worker deaths, errors and hangs name the env and the worker
+        self._env = watch_workers(self._env, self.name, self._step_timeout)
         self._adopt(backend)
         return self
 
@@ -183,6 +185,22 @@ class GymEnv(EnvBase):
         action = spec_from_space(self._env.single_action_space)
         # dims of an index action batch: a policy writing one-hot actions (one more dim) gets them converted
         self._index_ndim = 1 + len(action.shape) if isinstance(action, Categorical) else None
+
+    @property
+    def step_timeout(self) -> float | None:
+        """Seconds the subprocess workers get to answer a ``reset`` or ``step`` (None, the default: no limit).
+
+        An :class:`~streamrl.stages.env.EnvStage` sets it to its own ``step_timeout``. A worker that does not answer
+        in time is killed and :class:`~streamrl.errors.EnvStepTimeout` names it. Other backends step in this
+        process; the env stage bounds those calls itself.
+        """
+        return self._step_timeout
+
+    @step_timeout.setter
+    def step_timeout(self, seconds: float | None) -> None:
+        self._step_timeout = seconds
+        if isinstance(self._env, WatchWorkers):
+            self._env.timeout = seconds
 
     def close(self) -> None:
         """Close the vector env. Subprocess workers get a few seconds to close their envs, then are terminated

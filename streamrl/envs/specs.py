@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from tensordict import TensorDict
 
+from streamrl.errors import ConfigError
+
 Batch = Sequence[int]
 
 
@@ -84,7 +86,7 @@ class Bounded(Spec):
         self.low = torch.as_tensor(self.low, dtype=self.dtype, device=self.device).expand(self.shape).clone()
         self.high = torch.as_tensor(self.high, dtype=self.dtype, device=self.device).expand(self.shape).clone()
         if (self.low > self.high).any():
-            raise ValueError(f"Bounded spec needs low <= high, got low={self.low}, high={self.high}")
+            raise ConfigError(f"Bounded spec needs low <= high, got low={self.low}, high={self.high}")
 
     def rand(self, batch: Batch = ()) -> torch.Tensor:
         shape = (*batch, *self.shape)

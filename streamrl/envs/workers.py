@@ -24,6 +24,8 @@ ended, and closes a vector env without waiting on dead or stuck workers:
   :class:`~streamrl.errors.EnvError` (the worker's env raised) or :class:`~streamrl.errors.EnvWorkerDied`;
 * :class:`WatchWorkers` — a vector-env wrapper doing that around ``reset``, ``step``, ``step_async`` and
   ``step_wait``, so that code which holds the gymnasium object (the env stage's hot loop) gets the same errors;
+  with a ``timeout``, a ``reset`` or ``step`` whose answers do not all come within it kills the workers that owe
+  one and raises :class:`~streamrl.errors.EnvStepTimeout` naming them (:func:`kill_unanswered`);
 * :func:`close_vector_env` — close gracefully within a timeout, else terminate, then kill; always reap.
 
 Every function takes the vector env or any gymnasium wrapper around it; for an env without subprocess workers
@@ -32,6 +34,7 @@ Every function takes the vector env or any gymnasium wrapper around it; for an e
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import socket
@@ -41,7 +44,7 @@ from typing import Any
 from gymnasium.vector import AsyncVectorEnv, VectorWrapper
 from gymnasium.vector.async_vector_env import AsyncState
 
-from streamrl.errors import EnvError, EnvWorkerDied
+from streamrl.errors import EnvError, EnvStepTimeout, EnvWorkerDied
 
 CLOSE_TIMEOUT = 2.0  # seconds the workers get to close their envs before they are terminated
 KILL_AFTER = 1.0  # seconds a terminated worker gets before SIGKILL
@@ -205,35 +208,83 @@ def raise_for_worker_failure(vector_env: Any, env_name: str, error: BaseExceptio
     ) from error
 
 
+# -- hung workers ---------------------------------------------------------------------------------------------
+def kill_unanswered(vector_env: Any) -> tuple[tuple[int, int | None], ...]:
+    """Kill (SIGKILL) and reap the subprocess workers that owe an answer to the pending call; their ``(index,
+    pid)``.
+
+    A worker owes one when its pipe holds nothing to read: call this after a wait for the answers timed out and
+    before any was taken (gymnasium's ``step_wait(timeout=)`` polls every pipe before it reads one). The pipes of
+    the killed workers read end-of-file, so a thread blocked on one of them wakes up with an error.
+    """
+    env = async_vector_env(vector_env)
+    if env is None:
+        return ()
+    hung = [(i, process) for i, (process, pipe) in enumerate(zip(env.processes, env.parent_pipes, strict=True))
+            if pipe is not None and not pipe.closed and not pipe.poll()]
+    for _, process in hung:
+        process.kill()
+    for _, process in hung:
+        process.join(KILL_AFTER)
+    return tuple((i, process.pid) for i, process in hung)
+
+
+def describe_workers(workers: tuple[tuple[int, int | None], ...]) -> str:
+    """``"subprocess worker 1 (pid 1234)"``, or ``"subprocess workers 0 (pid 1233), 1 (pid 1234)"``."""
+    if len(workers) == 1:
+        return _worker(*workers[0])
+    return "subprocess workers " + ", ".join(f"{i} (pid {pid})" for i, pid in workers)
+
+
 # -- the wrapper ----------------------------------------------------------------------------------------------
 class WatchWorkers(VectorWrapper):  # type: ignore[type-arg]
     """An ``AsyncVectorEnv`` whose worker failures come out as errors naming ``env_name`` and the worker.
 
     ``reset``, ``step``, ``step_async`` and ``step_wait`` go through :func:`raise_for_worker_failure`; ``close``
     is :func:`close_vector_env`; anything else is the wrapped env's. The cost is one Python call per method call.
+
+    ``timeout`` (seconds, None: no limit; the env stage sets it to its ``step_timeout``) bounds ``reset``, ``step``
+    and ``step_wait``: when the workers' answers do not all come in time, the workers that owe one are killed and
+    :class:`~streamrl.errors.EnvStepTimeout` names them.
     """
 
-    def __init__(self, env: Any, env_name: str) -> None:
+    def __init__(self, env: Any, env_name: str, timeout: float | None = None) -> None:
         super().__init__(env)
         self.env_name = env_name
+        self.timeout = timeout
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         try:
             return getattr(self.env, method)(*args, **kwargs)
+        except multiprocessing.TimeoutError as exc:
+            call = method.removesuffix("_wait")
+            hung = kill_unanswered(self.env)
+            raise EnvStepTimeout(
+                f"env {self.env_name!r}: {call} did not return within {kwargs.get('timeout', self.timeout):g} s; "
+                f"{describe_workers(hung) if hung else 'no worker'} owed an answer and was killed",
+                env=self.env_name, call=call, workers=hung,
+            ) from exc
         except Exception as exc:
             raise_for_worker_failure(self.env, self.env_name, exc)
             raise
 
     def reset(self, **kwargs: Any) -> Any:
-        return self._call("reset", **kwargs)
+        if self.timeout is None:
+            return self._call("reset", **kwargs)
+        self._call("reset_async", **kwargs)
+        return self._call("reset_wait", timeout=self.timeout)
 
     def step(self, actions: Any) -> Any:
-        return self._call("step", actions)
+        if self.timeout is None:
+            return self._call("step", actions)
+        self._call("step_async", actions)
+        return self._call("step_wait", timeout=self.timeout)
 
     def step_async(self, actions: Any) -> None:
         self._call("step_async", actions)
 
     def step_wait(self, **kwargs: Any) -> Any:
+        kwargs.setdefault("timeout", self.timeout)
         return self._call("step_wait", **kwargs)
 
     def close(self, **kwargs: Any) -> None:
@@ -245,11 +296,11 @@ class WatchWorkers(VectorWrapper):  # type: ignore[type-arg]
         return getattr(self.env, name)
 
 
-def watch_workers(vector_env: Any, env_name: str) -> Any:
+def watch_workers(vector_env: Any, env_name: str, timeout: float | None = None) -> Any:
     """``vector_env`` wrapped in :class:`WatchWorkers` if it runs subprocess workers, else ``vector_env`` itself."""
     if async_vector_env(vector_env) is None or isinstance(vector_env, WatchWorkers):
         return vector_env
-    return WatchWorkers(vector_env, env_name)
+    return WatchWorkers(vector_env, env_name, timeout)
 
 
 # -- closing --------------------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from tensordict.nn import (
 from torch import nn
 
 from streamrl.envs.specs import Bounded, Categorical, OneHot, Spec
+from streamrl.errors import ConfigError
 from streamrl.modules.distributions import TanhNormal
 
 
@@ -84,8 +85,8 @@ class QValueActor(TensorDictModuleBase):
 
 def _single_key(out_keys: Sequence[str], owner: str) -> str:
     if isinstance(out_keys, str) or len(out_keys) != 1:
-        raise ValueError(f"{owner}: out_keys must hold one key, got {out_keys=}; "
-                         f"write the other outputs with a TensorDictModule of their own")
+        raise ConfigError(f"{owner}: out_keys must hold one key, got {out_keys=}; "
+                          f"write the other outputs with a TensorDictModule of their own")
     return out_keys[0]
 
 
@@ -153,8 +154,8 @@ class ProbabilisticActor(ProbabilisticTensorDictSequential):
         param_keys = list(in_keys.values()) if isinstance(in_keys, Mapping) else list(in_keys)
         missing = [key for key in param_keys if key not in module.out_keys]
         if missing:
-            raise ValueError(f"ProbabilisticActor: the distribution reads {missing}, which module does not write "
-                             f"(its out_keys are {module.out_keys}); make in_keys name the module's outputs")
+            raise ConfigError(f"ProbabilisticActor: the distribution reads {missing}, which module does not write "
+                              f"(its out_keys are {module.out_keys}); make in_keys name the module's outputs")
         kwargs = dict(distribution_kwargs or {})
         common: dict[str, Any] = {
             "in_keys": dict(in_keys) if isinstance(in_keys, Mapping) else param_keys,
@@ -168,8 +169,8 @@ class ProbabilisticActor(ProbabilisticTensorDictSequential):
         if isinstance(distribution_class, type) and issubclass(distribution_class, TanhNormal):
             if isinstance(spec, Bounded):
                 if "low" in kwargs or "high" in kwargs:
-                    raise ValueError("ProbabilisticActor: bounds given twice, by the Bounded spec and by "
-                                     "distribution_kwargs low/high; pass one of them")
+                    raise ConfigError("ProbabilisticActor: bounds given twice, by the Bounded spec and by "
+                                      "distribution_kwargs low/high; pass one of them")
                 low, high = spec.low, spec.high
             elif spec is not None:
                 raise TypeError(f"ProbabilisticActor: TanhNormal squashes actions into bounds, so spec must be a "
@@ -236,7 +237,7 @@ class ValueOperator(TensorDictModuleBase):
     ) -> None:
         super().__init__()
         if isinstance(in_keys, str) or not in_keys:
-            raise ValueError(f"ValueOperator: in_keys must be a non-empty sequence of keys, got {in_keys=}")
+            raise ConfigError(f"ValueOperator: in_keys must be a non-empty sequence of keys, got {in_keys=}")
         if out_keys is None:
             out_keys = ("state_action_value",) if "action" in in_keys else ("state_value",)
         self.module = module

@@ -28,6 +28,7 @@ from tensordict import TensorDictBase
 from tensordict.nn import InteractionType, TensorDictModuleBase, interaction_type
 
 from streamrl.envs.specs import Bounded, Categorical, OneHot, Unbounded
+from streamrl.errors import ConfigError
 from streamrl.modules.actors import register_bounds
 
 _GREEDY = (InteractionType.DETERMINISTIC, InteractionType.MODE, InteractionType.MEAN)
@@ -55,17 +56,17 @@ class EGreedyModule(TensorDictModuleBase):
     ) -> None:
         super().__init__()
         if not 0.0 <= eps_end <= 1.0 or not 0.0 <= eps_init <= 1.0:
-            raise ValueError(f"EGreedyModule: eps_init and eps_end must be in [0, 1], got {eps_init=}, {eps_end=}")
+            raise ConfigError(f"EGreedyModule: eps_init and eps_end must be in [0, 1], got {eps_init=}, {eps_end=}")
         if annealing_frames < 1:
-            raise ValueError(f"EGreedyModule: annealing_frames must be >= 1, got {annealing_frames=}")
+            raise ConfigError(f"EGreedyModule: annealing_frames must be >= 1, got {annealing_frames=}")
         if spec is None:
             if n_actions is None or n_actions < 1:
-                raise ValueError(f"EGreedyModule: pass spec= (the action spec) or n_actions >= 1, got {n_actions=}")
+                raise ConfigError(f"EGreedyModule: pass spec= (the action spec) or n_actions >= 1, got {n_actions=}")
             spec = Categorical(shape=(), dtype=torch.int64, n=n_actions)
         elif not isinstance(spec, (Categorical, OneHot)):
             raise TypeError(f"EGreedyModule: spec must be a Categorical or OneHot action spec, got {spec!r}")
         elif n_actions is not None and n_actions != spec.n:
-            raise ValueError(f"EGreedyModule: {n_actions=} disagrees with the spec's n={spec.n}; pass one of them")
+            raise ConfigError(f"EGreedyModule: {n_actions=} disagrees with the spec's n={spec.n}; pass one of them")
         self.spec = spec
         self.n_actions = spec.n
         self._event_dims = len(spec.shape)  # trailing action dims that one random draw replaces as a whole
@@ -133,9 +134,9 @@ class _ActionNoise(TensorDictModuleBase, ABC):
         if not isinstance(spec, (Bounded, Unbounded)) or not spec.dtype.is_floating_point:
             raise TypeError(f"{name}: spec must be a floating-point Bounded or Unbounded action spec, got {spec!r}")
         if sigma_init < 0 or sigma_end < 0:
-            raise ValueError(f"{name}: sigma must be >= 0, got {sigma_init=}, {sigma_end=}")
+            raise ConfigError(f"{name}: sigma must be >= 0, got {sigma_init=}, {sigma_end=}")
         if annealing_frames < 1:
-            raise ValueError(f"{name}: annealing_frames must be >= 1, got {annealing_frames=}")
+            raise ConfigError(f"{name}: annealing_frames must be >= 1, got {annealing_frames=}")
         self.spec = spec
         if isinstance(spec, Bounded):
             register_bounds(self, spec.low, spec.high)
@@ -244,7 +245,7 @@ class OrnsteinUhlenbeckModule(_ActionNoise):
         super().__init__(spec, sigma_init=sigma, sigma_end=sigma if sigma_end is None else sigma_end,
                          annealing_frames=annealing_frames, action_key=action_key)
         if theta < 0 or dt <= 0:
-            raise ValueError(f"OrnsteinUhlenbeckModule: needs theta >= 0 and dt > 0, got {theta=}, {dt=}")
+            raise ConfigError(f"OrnsteinUhlenbeckModule: needs theta >= 0 and dt > 0, got {theta=}, {dt=}")
         self.theta = theta
         self.dt = dt
         self.reset_key = reset_key

@@ -22,17 +22,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from streamrl.errors import ConfigError
+
 
 def _cells(num_cells: int | Sequence[int], depth: int | None, what: str) -> list[int]:
     if isinstance(num_cells, int):
         if depth is None:
-            raise ValueError(f"{what}: num_cells={num_cells} is an int, so depth is needed (the number of layers); "
-                             f"pass depth=..., or num_cells as a sequence of widths")
+            raise ConfigError(f"{what}: num_cells={num_cells} is an int, so depth is needed (the number of layers); "
+                              f"pass depth=..., or num_cells as a sequence of widths")
         return [num_cells] * depth
     cells = list(num_cells)
     if depth is not None and depth != len(cells):
-        raise ValueError(f"{what}: depth={depth} but num_cells={cells} has {len(cells)} widths; "
-                         f"pass one of them, or make them agree")
+        raise ConfigError(f"{what}: depth={depth} but num_cells={cells} has {len(cells)} widths; "
+                          f"pass one of them, or make them agree")
     return cells
 
 
@@ -41,8 +43,8 @@ def _per_layer(value: int | Sequence[int], depth: int, name: str) -> list[int]:
         return [value] * depth
     values = list(value)
     if len(values) != depth:
-        raise ValueError(f"ConvNet: {name}={values} has {len(values)} entries for {depth} layers (num_cells); "
-                         f"pass one per layer, or a single int for all")
+        raise ConfigError(f"ConvNet: {name}={values} has {len(values)} entries for {depth} layers (num_cells); "
+                          f"pass one per layer, or a single int for all")
     return values
 
 
@@ -109,7 +111,7 @@ class ConvNet(nn.Sequential):
     ) -> None:
         cells = _cells(num_cells, depth, "ConvNet")
         if not cells:
-            raise ValueError("ConvNet: needs at least one layer, got num_cells=[]")
+            raise ConfigError("ConvNet: needs at least one layer, got num_cells=[]")
         kernels = _per_layer(kernel_sizes, len(cells), "kernel_sizes")
         strides_ = _per_layer(strides, len(cells), "strides")
         pads = _per_layer(paddings, len(cells), "paddings")

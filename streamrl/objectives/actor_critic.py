@@ -59,6 +59,7 @@ from torch import nn
 from torch.func import functional_call
 
 from streamrl.envs.specs import Bounded
+from streamrl.errors import ConfigError
 
 LossFunction = Literal["l2", "smooth_l1", "l1"]
 _ELEMENTWISE = {"l2": nn.functional.mse_loss, "smooth_l1": nn.functional.smooth_l1_loss, "l1": nn.functional.l1_loss}
@@ -67,8 +68,8 @@ VALUE_KEY = "state_action_value"
 
 def _check_built(module: nn.Module, what: str, loss: str) -> None:
     if any(isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters()):
-        raise ValueError(f"{loss}: the {what} has uninitialized (lazy) parameters, so its target copy would start "
-                         f"from different weights; run one batch through it (or give MLP in_features=) first")
+        raise ConfigError(f"{loss}: the {what} has uninitialized (lazy) parameters, so its target copy would start "
+                          f"from different weights; run one batch through it (or give MLP in_features=) first")
 
 
 class _ActorCriticLoss(nn.Module):
@@ -82,12 +83,12 @@ class _ActorCriticLoss(nn.Module):
         super().__init__()
         name = type(self).__name__
         if not 0.0 <= gamma <= 1.0:
-            raise ValueError(f"{name}: gamma must be in [0, 1], got {gamma}")
+            raise ConfigError(f"{name}: gamma must be in [0, 1], got {gamma}")
         if loss_function not in _ELEMENTWISE:
-            raise ValueError(f"{name}: loss_function must be one of {sorted(_ELEMENTWISE)}, got {loss_function!r}")
+            raise ConfigError(f"{name}: loss_function must be one of {sorted(_ELEMENTWISE)}, got {loss_function!r}")
         critics = list(critic) if isinstance(critic, Sequence) else [critic]
         if not critics or (self.max_critics is not None and len(critics) > self.max_critics):
-            raise ValueError(f"{name}: expected {self.max_critics or 'one or more'} critic(s), got {len(critics)}")
+            raise ConfigError(f"{name}: expected {self.max_critics or 'one or more'} critic(s), got {len(critics)}")
         _check_built(actor, "actor", name)
         for c in critics:
             _check_built(c, "critic", name)
@@ -215,8 +216,8 @@ class TD3Loss(_ActorCriticLoss):
         if not isinstance(action_spec, Bounded):
             raise TypeError(f"TD3Loss: action_spec must be a Bounded spec (the env's action_spec), got {action_spec!r}")
         if policy_delay < 1 or policy_noise < 0 or noise_clip < 0:
-            raise ValueError(f"TD3Loss: needs policy_delay >= 1, policy_noise >= 0, noise_clip >= 0, got "
-                             f"{policy_delay=}, {policy_noise=}, {noise_clip=}")
+            raise ConfigError(f"TD3Loss: needs policy_delay >= 1, policy_noise >= 0, noise_clip >= 0, got "
+                              f"{policy_delay=}, {policy_noise=}, {noise_clip=}")
         self.register_buffer("low", action_spec.low.float().clone())
         self.register_buffer("high", action_spec.high.float().clone())
         self.policy_noise = policy_noise
@@ -290,9 +291,9 @@ class SACLoss(_ActorCriticLoss):
             raise TypeError(f"SACLoss: the actor must be probabilistic (a ProbabilisticActor or "
                             f"ProbabilisticTensorDictSequential with get_dist), got {type(actor).__name__}")
         if alpha_init <= 0:
-            raise ValueError(f"SACLoss: alpha_init must be > 0, got {alpha_init}")
+            raise ConfigError(f"SACLoss: alpha_init must be > 0, got {alpha_init}")
         if target_entropy != "auto" and not isinstance(target_entropy, (int, float)):
-            raise ValueError(f"SACLoss: target_entropy must be 'auto' or a number, got {target_entropy!r}")
+            raise ConfigError(f"SACLoss: target_entropy must be 'auto' or a number, got {target_entropy!r}")
         log_alpha = torch.tensor(math.log(alpha_init))
         if fixed_alpha:
             self.register_buffer("log_alpha", log_alpha)

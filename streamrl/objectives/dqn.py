@@ -23,6 +23,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torch import nn
 
+from streamrl.errors import ConfigError
 from streamrl.modules.actors import QValueActor
 
 
@@ -40,9 +41,9 @@ class DQNLoss(nn.Module):
     ) -> None:
         super().__init__()
         if loss not in ("smooth_l1", "l2"):
-            raise ValueError(f"DQNLoss: loss must be 'smooth_l1' or 'l2', got {loss!r}")
+            raise ConfigError(f"DQNLoss: loss must be 'smooth_l1' or 'l2', got {loss!r}")
         if not 0.0 <= gamma <= 1.0:
-            raise ValueError(f"DQNLoss: gamma must be in [0, 1], got {gamma}")
+            raise ConfigError(f"DQNLoss: gamma must be in [0, 1], got {gamma}")
         net = value_network.value_net if isinstance(value_network, QValueActor) else value_network
         self.value_net = net
         self.target_value_net = copy.deepcopy(net).requires_grad_(False)

@@ -38,6 +38,8 @@ from tensordict.utils import NestedKey
 from torch import nn
 from torch.distributions import Distribution
 
+from streamrl.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class LossKeys:
@@ -85,9 +87,9 @@ class _PolicyGradientLoss(nn.Module):
         super().__init__()
         name = type(self).__name__
         if loss_critic_type not in ("smooth_l1", "l2"):
-            raise ValueError(f"{name}: loss_critic_type must be 'smooth_l1' or 'l2', got {loss_critic_type!r}")
+            raise ConfigError(f"{name}: loss_critic_type must be 'smooth_l1' or 'l2', got {loss_critic_type!r}")
         if entropy_coef < 0 or critic_coef < 0:
-            raise ValueError(f"{name}: coefficients must be >= 0, got {entropy_coef=}, {critic_coef=}")
+            raise ConfigError(f"{name}: coefficients must be >= 0, got {entropy_coef=}, {critic_coef=}")
         self.actor = actor
         self.critic = critic
         self.entropy_bonus = entropy_bonus
@@ -156,7 +158,7 @@ class ClipPPOLoss(_PolicyGradientLoss):
                          critic_coef=critic_coef, loss_critic_type=loss_critic_type,
                          normalize_advantage=normalize_advantage, keys=keys)
         if not 0.0 < clip_epsilon < 1.0:
-            raise ValueError(f"ClipPPOLoss: clip_epsilon must be in (0, 1), got {clip_epsilon}")
+            raise ConfigError(f"ClipPPOLoss: clip_epsilon must be in (0, 1), got {clip_epsilon}")
         self.clip_epsilon = clip_epsilon
 
     def objective(self, batch: TensorDictBase, log_prob: torch.Tensor,

@@ -15,6 +15,8 @@ from typing import Any, Protocol
 
 import torch
 
+from streamrl.errors import ConfigError
+
 
 class HasTargets(Protocol):
     def target_pairs(self) -> list[tuple[torch.nn.Parameter, torch.Tensor]]: ...
@@ -25,7 +27,7 @@ class SoftUpdate:
 
     def __init__(self, loss: HasTargets, *, tau: float = 0.005) -> None:
         if not 0.0 < tau <= 1.0:
-            raise ValueError(f"SoftUpdate: tau must be in (0, 1], got {tau}")
+            raise ConfigError(f"SoftUpdate: tau must be in (0, 1], got {tau}")
         self.loss = loss
         self.tau = tau
         self.steps = 0
@@ -48,7 +50,7 @@ class HardUpdate:
 
     def __init__(self, loss: HasTargets, *, every: int = 500) -> None:
         if every < 1:
-            raise ValueError(f"HardUpdate: every must be >= 1, got {every}")
+            raise ConfigError(f"HardUpdate: every must be >= 1, got {every}")
         self.loss = loss
         self.every = every
         self.steps = 0

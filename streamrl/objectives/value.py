@@ -45,6 +45,8 @@ from tensordict.nn import TensorDictModuleBase
 from tensordict.utils import NestedKey
 from torch import nn
 
+from streamrl.errors import ConfigError
+
 
 def _check(**tensors: torch.Tensor) -> None:
     shapes = {name: tuple(t.shape) for name, t in tensors.items()}
@@ -151,7 +153,7 @@ class ValueEstimator(nn.Module, ABC):
                  keys: ValueKeys = ValueKeys()) -> None:
         super().__init__()
         if not 0.0 <= gamma <= 1.0:
-            raise ValueError(f"{type(self).__name__}: gamma must be in [0, 1], got {gamma}")
+            raise ConfigError(f"{type(self).__name__}: gamma must be in [0, 1], got {gamma}")
         self.gamma = gamma
         self.value_network = value_network
         self.keys = keys
@@ -256,5 +258,5 @@ class GAE(ValueEstimator):
 
 def _check_lambda(estimator: nn.Module, lmbda: float) -> float:
     if not 0.0 <= lmbda <= 1.0:
-        raise ValueError(f"{type(estimator).__name__}: lmbda must be in [0, 1], got {lmbda}")
+        raise ConfigError(f"{type(estimator).__name__}: lmbda must be in [0, 1], got {lmbda}")
     return lmbda

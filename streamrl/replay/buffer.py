@@ -11,10 +11,19 @@
     batch = rb.sample()               # TensorDict [8, time]: whole sub-trajectories (for TD(lambda), GAE, ...)
 
 In a pipeline, a writer stage and a sampler stage share one buffer; its limiter paces them.
+
+Resuming: ``load_state_dict`` restores the limiter's counters, the sampler and the storage. A zarr store's path is
+recorded relative to the run directory, so with a :class:`ZarrStorage` the whole state is loaded when the writer
+stage calls ``attach(run_dir)`` (until then ``state_dict`` returns the state as loaded). If the store holds fewer
+rows than the state counts (a damaged store that was repaired, a checkpoint of an older streamrl that counted
+rows before they were committed), the buffer follows the store: the limiter forgets the inserts of the rows
+that are gone (and, in ratio mode, the samples they paid for), the sampler forgets them, and a warning says how
+many rows were lost. The run goes on with the rows the store holds instead of failing on every retry.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +31,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 
 from streamrl.replay.ratelimit import RateLimiter
-from streamrl.replay.samplers import Sampler, UniformSampler
+from streamrl.replay.samplers import FifoSampler, Sampler, SamplerWithoutReplacement, UniformSampler
 from streamrl.replay.storage import RamStorage
 from streamrl.replay.zarr_store import ZarrStorage
 
@@ -52,10 +61,15 @@ class ReplayBuffer:
         self.sampler = sampler or UniformSampler()
         self.batch_size = batch_size
         self.limiter = limiter or RateLimiter(batch_size=batch_size)
+        self._restored: dict[str, Any] | None = None  # a state waiting for attach (see the module docstring)
 
     def attach(self, run_dir: Path) -> None:
+        """Resolve the storage's path against the run directory, then load a state that waited for it."""
         if isinstance(self.storage, ZarrStorage):
             self.storage.attach(run_dir)
+        if self._restored is not None:
+            self._load(self._restored)
+            self._restored = None  # kept until loaded: a checkpoint after a failed load saves it unchanged
 
     def extend(self, data: TensorDictBase) -> torch.Tensor:
         """Store a chunk ``[num_envs, time]`` (or rows ``[n]``); rows marked not ``valid`` are dropped.
@@ -95,12 +109,42 @@ class ReplayBuffer:
         return len(self.storage)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; with a zarr store not attached yet, at :meth:`attach`."""
+        if isinstance(self.storage, ZarrStorage) and self.storage.run_dir is None:
+            self._restored = state
+        else:
+            self._load(state)
+
+    def _load(self, state: dict[str, Any]) -> None:
         self.limiter.load_state_dict(state["limiter"])
         self.storage.load_state_dict(state["storage"])
         if "sampler" in state and hasattr(self.sampler, "load_state_dict"):
             self.sampler.load_state_dict(state["sampler"])
+        lost = state["storage"]["total_written"] - self.storage.total_written
+        if lost > 0:
+            self._forget(lost)
+
+    def _forget(self, lost: int) -> None:
+        """The store lacks the newest ``lost`` rows the state counted: follow the store (module docstring)."""
+        limiter, storage = self.limiter, self.storage
+        warnings.warn(f"the replay store at {getattr(storage, 'path', None)} holds {storage.total_written} rows, "
+                      f"{lost} fewer than the checkpoint counts (it was damaged and repaired, or the checkpoint "
+                      "counted rows before they were committed); the run goes on with the rows it holds",
+                      stacklevel=3)
+        limiter.inserts = max(0, limiter.inserts - lost)
+        if limiter.queue_capacity is not None:  # a queue has not served more rows than it holds
+            limiter.samples = min(limiter.samples, limiter.inserts)
+        elif limiter.samples_per_insert is not None:  # keep diff: the lost rows' samples are forgotten with them
+            limiter.samples = max(0, limiter.samples - round(lost * limiter.samples_per_insert))
+        if isinstance(self.sampler, FifoSampler):
+            self.sampler.next_row = min(self.sampler.next_row, storage.total_written)
+        elif isinstance(self.sampler, SamplerWithoutReplacement):
+            self.sampler.order = None  # its epoch named slots that may no longer hold rows: start a new one
+        # PrioritizedSampler and SliceSampler rebuild from storage.total_written when it went back
 
     def state_dict(self) -> dict[str, Any]:
+        if self._restored is not None:
+            return self._restored
         state: dict[str, Any] = {"limiter": self.limiter.state_dict(), "storage": self.storage.state_dict()}
         if hasattr(self.sampler, "state_dict"):
             state["sampler"] = self.sampler.state_dict()

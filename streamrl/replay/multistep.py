@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from tensordict import TensorDictBase
 
+from streamrl.errors import ConfigError
 from streamrl.transforms.base import Transform
 
 
@@ -28,9 +29,9 @@ class MultiStep(Transform):
     def __init__(self, gamma: float, n: int) -> None:
         super().__init__()
         if n < 1:
-            raise ValueError(f"MultiStep: n must be >= 1, got {n}")
+            raise ConfigError(f"MultiStep: n must be >= 1, got {n}")
         if not 0.0 <= gamma <= 1.0:
-            raise ValueError(f"MultiStep: gamma must be in [0, 1], got {gamma}")
+            raise ConfigError(f"MultiStep: gamma must be in [0, 1], got {gamma}")
         self.gamma = gamma
         self.n = n
 

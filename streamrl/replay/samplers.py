@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from streamrl.errors import StoreError
+from streamrl.errors import ConfigError, StoreError
 from streamrl.replay.sumtree import SumTree
 
 
@@ -43,7 +43,10 @@ class UniformSampler:
         size = len(storage)
         if size == 0:
             raise StoreError("cannot sample from an empty storage; wait for the first rows (min_fill)")
-        return torch.randint(size, (batch_size,), generator=self.generator), {}
+        index = torch.randint(size, (batch_size,), generator=self.generator)
+        if size < storage.capacity and (oldest := _oldest_slot(storage)):  # rows need not start at slot 0 (a
+            index = (index + oldest) % storage.capacity  # repaired store); a full ring is uniform either way
+        return index, {}
 
     def state_dict(self) -> dict[str, Any]:
         return {} if self.generator is None else {"generator": self.generator.get_state()}
@@ -101,9 +104,9 @@ class PrioritizedSampler:
         generator: torch.Generator | None = None,
     ) -> None:
         if alpha < 0 or beta < 0:
-            raise ValueError(f"PrioritizedSampler: alpha and beta must be >= 0, got {alpha=}, {beta=}")
+            raise ConfigError(f"PrioritizedSampler: alpha and beta must be >= 0, got {alpha=}, {beta=}")
         if eps <= 0 or max_priority <= 0:
-            raise ValueError(f"PrioritizedSampler: eps and max_priority must be > 0, got {eps=}, {max_priority=}")
+            raise ConfigError(f"PrioritizedSampler: eps and max_priority must be > 0, got {eps=}, {max_priority=}")
         self.alpha, self.beta, self.eps = alpha, beta, eps
         self.max_priority = max_priority
         self.generator = generator
@@ -243,9 +246,9 @@ class SliceSampler:
         generator: torch.Generator | None = None,
     ) -> None:
         if slice_len < 1:
-            raise ValueError(f"SliceSampler: slice_len must be >= 1, got {slice_len}")
+            raise ConfigError(f"SliceSampler: slice_len must be >= 1, got {slice_len}")
         if traj_key is None and end_key is None:
-            raise ValueError("SliceSampler needs traj_key or end_key (or both) to find episode boundaries")
+            raise ConfigError("SliceSampler needs traj_key or end_key (or both) to find episode boundaries")
         self.slice_len = slice_len
         self.traj_key, self.end_key = traj_key, end_key
         self.strict_length = strict_length

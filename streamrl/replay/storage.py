@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from tensordict import TensorDict, TensorDictBase
 
-from streamrl.errors import StoreError
+from streamrl.errors import ConfigError, StoreError
 
 
 class RamStorage:
@@ -26,7 +26,7 @@ class RamStorage:
 
     def __init__(self, capacity: int) -> None:
         if capacity < 1:
-            raise ValueError(f"storage capacity must be >= 1, got {capacity}")
+            raise ConfigError(f"storage capacity must be >= 1, got {capacity}")
         self.capacity = capacity
         self.data: TensorDict | None = None
         self.cursor = 0  # next row to write
@@ -77,14 +77,17 @@ class RamStorage:
         return self.size
 
     def state_dict(self) -> dict[str, Any]:
+        """Counters and the rows held, as a nested dict of tensors (a checkpoint holds no TensorDict: it loads with
+        ``torch.load(weights_only=True)``). The rows are copied: a view would save the whole ring's storage."""
         return {"cursor": self.cursor, "size": self.size, "total_written": self.total_written,
-                "data": None if self.data is None else self.data[: self.size].clone()}
+                "data": None if self.data is None else self.data[: self.size].clone().to_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["data"] is not None:
-            self._allocate(state["data"])
+            rows = TensorDict(state["data"], batch_size=[state["size"]])
+            self._allocate(rows)
             assert self.data is not None
-            self.data[: state["size"]] = state["data"]
+            self.data[: state["size"]] = rows
         self.cursor, self.size, self.total_written = state["cursor"], state["size"], state["total_written"]
 
     def close(self) -> None:

@@ -1,9 +1,10 @@
-"""Tools for a replay store on disk: inspect, check, sample, export, import and plot it.
+"""Tools for a replay store on disk: inspect, check, repair, sample, export, import and plot it.
 
 ::
 
     info = inspect_store("runs/dqn/replay.zarr")          # keys, shapes, codecs, sizes, counts, episode statistics
     problems = check_store("runs/dqn/replay.zarr")        # [] when the committed rows are whole and consistent
+    print(repair_store("runs/dqn/replay.zarr"))           # cursor back to the last intact block (the only writer)
     rows, columns = sample_store("runs/dqn/replay.zarr", 5, seed=0)
     export_store("runs/dqn/replay.zarr", "replay.npz")    # committed rows oldest -> newest, plus the attrs
     import_store("replay.npz", "copy.zarr", capacity=10_000)
@@ -11,7 +12,8 @@
 
 The same functions serve ``streamrl store ...`` and ``python tools/store.py ...``, which only format what they
 return. Stores are read with ``ZarrStorage.open(path, in_ram=False, writable=False)``: memory-mapped chunk files,
-nothing modified, rows gathered a block at a time so a store larger than RAM is never loaded whole (episode
+nothing modified (but by ``repair_store``, from :mod:`streamrl.replay.store_integrity`, which has the structural
+checks), nothing unpickled, rows gathered a block at a time so a store larger than RAM is never loaded whole (episode
 statistics read the four scalar columns ``traj_id``, ``step_count``, ``next/done``, ``next/reward`` whole: about
 25 bytes a row).
 
@@ -26,7 +28,6 @@ from __future__ import annotations
 
 import io
 import json
-import warnings
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,39 +39,15 @@ import torch
 from tensordict import TensorDict
 
 from streamrl.errors import ConfigError, StoreError
-from streamrl.replay.zarr_store import FORMAT, ZarrStorage, disk_rows_for
+from streamrl.replay.store_integrity import FORMAT, Problem, Repair, check_structure, problem_at, repair_store
+from streamrl.replay.zarr_store import ZarrStorage
+
+__all__ = ["EpisodeStats", "Problem", "Repair", "check_store", "check_structure", "episode_stats", "export_store",
+           "import_store", "inspect_store", "open_store", "plot_store", "repair_store", "sample_store"]
 
 EPISODE_KEYS = ("traj_id", "step_count", "next/done", "next/reward")
 ATTRS_ENTRY = "attrs.json"  # the export's entry holding the store's attrs as a JSON string
 BLOCK_BYTES = 64 << 20  # rows are gathered in blocks of about this many bytes
-_SHOWN_ROWS = 10  # rows a problem lists; its message gives the count
-
-
-@dataclass(frozen=True)
-class Problem:
-    """An inconsistency :func:`check_store` found: where (a key path or attribute), what, at which rows.
-
-    ``rows`` are row numbers, the first few of them; ``warning`` marks a problem that leaves the rows intact
-    (leftover ``*.partial`` files, an array the attrs do not list).
-    """
-
-    where: str
-    message: str
-    rows: tuple[int, ...] = ()
-    warning: bool = False
-
-    def __str__(self) -> str:
-        level = "warning" if self.warning else "error"
-        at = ""
-        if self.rows:
-            at = f" at row{'s' if len(self.rows) > 1 else ''} {', '.join(map(str, self.rows))}"
-        return f"{level}: {self.where}: {self.message}{at}"
-
-
-def _problem(where: str, what: str, rows: np.ndarray) -> Problem:
-    """A problem at ``rows`` (row numbers): the count in the message, the first few rows listed."""
-    return Problem(where, f"{what} ({len(rows)} row{'s' if len(rows) != 1 else ''})",
-                   tuple(int(r) for r in rows[:_SHOWN_ROWS]))
 
 
 @dataclass(frozen=True)
@@ -102,7 +79,7 @@ def open_store(path: str | Path) -> ZarrStorage:
 def _checked(path: str | Path) -> Path:
     """``path``, once the structural checks found no error; else :class:`StoreError` naming the first."""
     path = _require_store(path)
-    errors = [p for p in _structure_problems(path)[1] if not p.warning]
+    errors = check_structure(path).errors
     if errors:
         raise StoreError(f"cannot read {str(path)!r}: {errors[0]}; `streamrl store check {path}` lists every problem")
     return path
@@ -225,69 +202,6 @@ def inspect_store(path: str | Path) -> dict[str, Any]:
 
 
 # -- check -----------------------------------------------------------------------------------------------------
-def _structure_problems(path: Path) -> tuple[dict[str, Any], list[Problem]]:
-    """The attrs against the arrays and the chunk files, without reading rows: (attrs, problems)."""
-    import zarr
-
-    group = zarr.open_group(str(path), mode="r")
-    attrs: dict[str, Any] = dict(group.attrs)
-    if attrs.get("format") != FORMAT:
-        return attrs, [Problem("format", f"expected {FORMAT!r}, got {attrs.get('format')!r}: not a streamrl "
-                                         "replay store, or its creation was interrupted (it holds no rows)")]
-    missing = [name for name in ("capacity", "block_rows", "keys", "committed") if name not in attrs]
-    if missing:
-        return attrs, [Problem("attrs", f"missing {missing}; a store's attrs hold capacity, block_rows, keys, "
-                                        "committed")]
-    capacity, block, committed = attrs["capacity"], attrs["block_rows"], attrs["committed"]
-    rows, size, disk = committed.get("rows", -1), committed.get("size", -1), committed.get("disk_rows", -1)
-    problems = []
-    if rows < 0 or size != min(rows, capacity):
-        problems.append(Problem("committed", f"expected size == min(rows, capacity), got {committed=}, {capacity=}"))
-    if disk != disk_rows_for(capacity, block):
-        problems.append(Problem("committed", f"expected disk_rows == {disk_rows_for(capacity, block)} for "
-                                             f"{capacity=} and block_rows={block}, got {disk}"))
-    if problems:
-        return attrs, problems
-    row_numbers = np.arange(rows - size, rows)
-    chunk_of_row = row_numbers % disk // block
-    for key in attrs["keys"]:
-        array: Any = group.get(key)
-        if not isinstance(array, zarr.Array):
-            problems.append(Problem(key, "listed in attrs['keys'] but no array of that name is in the group"))
-            continue
-        row_shape = tuple(array.shape[1:])
-        if array.shape[0] != disk or tuple(array.chunks) != (block, *row_shape):
-            problems.append(Problem(key, f"expected shape ({disk}, ...) in chunks of ({block}, ...), got "
-                                         f"shape={array.shape}, chunks={array.chunks}"))
-            continue
-        codecs = [codec["name"] for codec in _codecs(array)]
-        if codecs != ["bytes"]:
-            problems.append(Problem(key, f"expected uncompressed chunks (codecs ['bytes']), got {codecs}"))
-            continue
-        chunk_bytes = block * int(np.prod(row_shape)) * array.dtype.itemsize
-        for chunk in np.unique(chunk_of_row):
-            chunk_file = path.joinpath(key, "c", str(chunk), *("0" for _ in row_shape))  # zarr's default key
-            relative = chunk_file.relative_to(path)
-            if not chunk_file.is_file():
-                what = f"chunk file {relative} is missing: the committed cursor is ahead of the data"
-            elif chunk_file.stat().st_size != chunk_bytes:
-                what = f"chunk file {relative} has {chunk_file.stat().st_size} bytes, expected {chunk_bytes}"
-            else:
-                continue
-            problems.append(_problem(key, what, row_numbers[chunk_of_row == chunk]))
-    listed = set(attrs["keys"])
-    with warnings.catch_warnings():  # zarr warns of the *.partial files, reported below
-        warnings.filterwarnings("ignore", message="Object at .* is not recognized as a component")
-        members = group.members(max_depth=None)
-    for name, member in members:
-        if isinstance(member, zarr.Array) and name not in listed:
-            problems.append(Problem(name, "an array not listed in attrs['keys']: readers ignore it", warning=True))
-    for leftover in sorted(path.rglob("*.partial")):
-        problems.append(Problem(str(leftover.relative_to(path)), "leftover of an interrupted write (opening the "
-                                "store for writing removes it)", warning=True))
-    return attrs, problems
-
-
 def _episode_problems(columns: dict[str, np.ndarray], first_row: int) -> list[Problem]:
     traj_id, step_count, done = columns["traj_id"], columns["step_count"], columns["next/done"].astype(bool)
     order, starts = _episode_order(traj_id, step_count)
@@ -297,34 +211,35 @@ def _episode_problems(columns: dict[str, np.ndarray], first_row: int) -> list[Pr
     steps = step_count[order]
     jumps = order[1:][continues[1:] & (steps[1:] != steps[:-1] + 1)]
     if len(jumps):
-        problems.append(_problem("step_count", "expected step_count to grow by 1 from the previous row of the "
+        problems.append(problem_at("step_count", "expected step_count to grow by 1 from the previous row of the "
                                                "same traj_id (or to be 0 where an episode starts)",
                                  np.sort(jumps) + first_row))
     early = order[:-1][continues[1:] & done[order][:-1]]
     if len(early):
-        problems.append(_problem("next/done", "done on a row that is not the last of its episode",
+        problems.append(problem_at("next/done", "done on a row that is not the last of its episode",
                                  np.sort(early) + first_row))
     if "next/terminated" in columns and "next/truncated" in columns:
         ends = columns["next/terminated"].astype(bool) | columns["next/truncated"].astype(bool)
         wrong = np.flatnonzero(done != ends)
         if len(wrong):
-            problems.append(_problem("next/done", "expected done == terminated | truncated", wrong + first_row))
+            problems.append(problem_at("next/done", "expected done == terminated | truncated", wrong + first_row))
     return problems
 
 
 def check_store(path: str | Path) -> list[Problem]:
     """Every inconsistency of a store, ``[]`` when it is clean (warnings are problems with ``warning=True``).
 
-    Checks, in this order: the attrs (format, committed cursor, disk slots) against every array they list (it
-    exists, its shape and chunks match, uncompressed), the chunk files holding committed rows (they exist, whole);
-    then, when those are sound, the committed rows: no NaN or inf in float columns, and episodes (when the store
-    has ``traj_id``, ``step_count``, ``next/done``): within an episode ``step_count`` grows by 1, ``next/done`` is
-    set only on its last row, and ``done == terminated | truncated``. Reads the store only::
+    Checks, in this order: the structure (:func:`~streamrl.replay.store_integrity.check_structure`: the metadata
+    reads; the attrs (format, committed cursor, disk slots) against every array they list (it exists, its shape
+    and chunks match, uncompressed); the chunk files holding committed rows (they exist, whole); the newest
+    block's checksum); then, when those are sound, the committed rows: no NaN or inf in float columns, and
+    episodes (when the store has ``traj_id``, ``step_count``, ``next/done``): within an episode ``step_count`` grows
+    by 1, ``next/done`` is set only on its last row, and ``done == terminated | truncated``. Reads the store only::
 
         errors = [p for p in check_store("replay.zarr") if not p.warning]
     """
     path = _require_store(path)
-    _, problems = _structure_problems(path)
+    problems = check_structure(path).problems
     if any(not p.warning for p in problems):
         return problems
     storage = _storage(path)
@@ -339,7 +254,7 @@ def check_store(path: str | Path) -> list[Problem]:
                 bad[key].append(np.flatnonzero(~finite) + start + first_row)
         for key, rows in bad.items():
             if any(len(r) for r in rows):
-                problems.append(_problem(key, "NaN or inf in a committed row", np.concatenate(rows)))
+                problems.append(problem_at(key, "NaN or inf in a committed row", np.concatenate(rows)))
     keys = EPISODE_KEYS[:3] + tuple(k for k in ("next/terminated", "next/truncated") if k in storage.arrays)
     columns = _scalar_columns(path, keys)
     if columns is not None:
@@ -392,17 +307,20 @@ def import_store(npz: str | Path, to: str | Path, *, capacity: int | None = None
 
     ``capacity`` and ``block_rows`` default to the exported store's (without its attrs: the row count and 4096);
     with a smaller capacity the newest rows are kept. Rows are renumbered from 0. Returns the closed storage.
+    Nothing in the file is unpickled: an entry holding Python objects is refused with :class:`StoreError`.
     """
     npz, to = Path(npz), Path(to)
     if to.exists():
         raise ConfigError(f"{str(to)!r} already exists: import writes a new store; choose a new path or remove it")
+    if not zipfile.is_zipfile(npz):
+        raise StoreError(f"{str(npz)!r} is not an .npz file (a zip of .npy entries, as export_store writes)")
     with zipfile.ZipFile(npz) as archive:
         names = [name.removesuffix(".npy") for name in archive.namelist() if name.endswith(".npy")]
         attrs = {}
         if ATTRS_ENTRY in names:
             names.remove(ATTRS_ENTRY)
             with archive.open(f"{ATTRS_ENTRY}.npy") as member:
-                attrs = json.loads(str(np.lib.format.read_array(member)))
+                attrs = _read_attrs(npz, member)
         members = {name: archive.open(f"{name}.npy") for name in names}
         try:
             layout = {name: _read_npy_header(npz, name, member) for name, member in members.items()}
@@ -436,6 +354,19 @@ def import_store(npz: str | Path, to: str | Path, *, capacity: int | None = None
                 member.close()
     storage.close()
     return storage
+
+
+def _read_attrs(npz: Path, member: Any) -> dict[str, Any]:
+    """The export's attrs: a JSON object in a string array, read with ``allow_pickle=False``."""
+    try:
+        attrs = json.loads(str(np.lib.format.read_array(member, allow_pickle=False)))
+    except ValueError as exc:  # an object array (pickled), or text that is not JSON
+        raise StoreError(f"{str(npz)!r}: entry {ATTRS_ENTRY!r} must be a JSON string (as export_store writes); "
+                         f"it is not ({exc}). Nothing in an .npz is unpickled") from None
+    if not isinstance(attrs, dict) or not all(isinstance(attrs.get(k, 1), int) for k in ("capacity", "block_rows")):
+        raise StoreError(f"{str(npz)!r}: entry {ATTRS_ENTRY!r} must be a JSON object with integer capacity and "
+                         f"block_rows, got {attrs!r:.200}")
+    return attrs
 
 
 def _read_npy_header(npz: Path, name: str, member: Any) -> tuple[tuple[int, ...], np.dtype]:

@@ -25,13 +25,15 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from streamrl.errors import ConfigError
+
 
 class SumTree:
     """Sums (and minima) of leaf values, updated and searched a batch at a time; see the module docstring."""
 
     def __init__(self, capacity: int) -> None:
         if capacity < 1:
-            raise ValueError(f"SumTree capacity must be >= 1, got {capacity}")
+            raise ConfigError(f"SumTree capacity must be >= 1, got {capacity}")
         self.capacity = capacity
         self.depth = (capacity - 1).bit_length()
         self.size = 1 << self.depth
@@ -86,15 +88,18 @@ class SumTree:
         return nodes - self.size
 
     def state_dict(self) -> dict[str, Any]:
+        """The leaves and which were ever set: a set leaf's min equals its sum, an unset one's is +inf, which is
+        left out (a checkpoint holds only finite tensors)."""
         leaves = slice(self.size, self.size + self.capacity)
         return {"capacity": self.capacity, "sums": torch.from_numpy(self.sums[leaves].copy()),
-                "mins": torch.from_numpy(self.mins[leaves].copy())}
+                "set": torch.from_numpy(self.mins[leaves] < np.inf)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["capacity"] != self.capacity:
             raise ValueError(f"SumTree: state has capacity={state['capacity']}, this tree {self.capacity}")
-        self.sums[self.size:self.size + self.capacity] = state["sums"].numpy()
-        self.mins[self.size:self.size + self.capacity] = state["mins"].numpy()
+        sums = state["sums"].numpy()
+        self.sums[self.size:self.size + self.capacity] = sums
+        self.mins[self.size:self.size + self.capacity] = np.where(state["set"].numpy(), sums, np.inf)
         for level in range(self.depth - 1, -1, -1):  # rebuild every internal node, deepest level first
             lo, hi = 1 << level, 2 << level
             self.sums[lo:hi] = self.sums[2 * lo:2 * hi:2] + self.sums[2 * lo + 1:2 * hi:2]

@@ -5,6 +5,7 @@
     storage = ZarrStorage(1_000_000, path="replay.zarr", block_rows=4096)   # fsync=True for power-loss safety
     index = storage.extend(rows)            # rows land in RAM first ...
     storage.flush()                         # ... and on disk in whole blocks, each followed by a commit
+    storage.flush(partial=storage.commit_due())   # ... and the incomplete block once its rows waited 1 s
     batch = storage.get(index[:256])        # from the RAM ring (in_ram=True) or memory-mapped chunk files
     storage = ZarrStorage.open("replay.zarr")    # after a crash: the committed rows, writing resumes after them
 
@@ -12,25 +13,43 @@ Layout. Each key (nested keys become paths: ``next/reward``) is an uncompressed 
 chunked in blocks of ``block_rows``; row number ``r`` (counting every row ever written) lives at disk slot
 ``r % disk_rows``. ``disk_rows`` is the capacity rounded up to whole blocks plus one spare block, so the block
 being written never holds one of the ``capacity`` newest committed rows. The group attribute ``committed`` =
-``{"rows": R, "size": S, "disk_rows": D}`` says the rows ``R - S .. R - 1`` are whole; it is written after each
-block's data (and fsync, if asked), through zarr's write-to-temporary-then-rename, so it is never torn. Any zarr
-reader opens the store::
+``{"rows": R, "size": S, "disk_rows": D, "crc32": {key: checksum}}`` says the rows ``R - S .. R - 1`` are whole
+(``S == min(R, capacity)``, or less after ``streamrl store repair`` dropped damaged rows); ``crc32`` is the
+checksum of the committed rows of the newest block, per key. Any zarr reader opens the store::
 
     g = zarr.open_group("replay.zarr", mode="r")
     c = g.attrs["committed"]
     rows = np.arange(c["rows"] - c["size"], c["rows"]) % c["disk_rows"]   # oldest to newest
     rewards = g["next/reward"][:][rows]
 
-Why not one commit per flush: a writer killed mid-flush leaves the blocks it was writing half old, half new
-across keys; one block of slack bounds that damage to rows nobody trusts. Why uncompressed: chunk files are then
-plain arrays that :class:`numpy.memmap` maps, so stores larger than RAM sample without going through zarr
-(``in_ram=False``); zarr-python gathers random rows 100x slower than RAM. A chunk file is replaced (not
-rewritten in place) on every flush, so a mapped chunk is remapped after its block is written.
+Commit protocol. A flush writes the pending rows block by block, all keys of a block at once, and after each
+block's data (and its fsync, if asked) writes ``committed``: zarr writes every file through a temporary file and
+a rename, so a chunk file or the commit record is either the old one or the new one, never torn. A commit may
+cover a *partial* block: the writer stage commits pending rows at least every ``commit_every_s`` (default 1 s) and
+whole blocks as they fill, so ``kill -9`` loses at most the rows of the last second or the last chunk, however
+large ``block_rows`` is. The next flush rewrites that block's chunk files with the committed rows unchanged and
+more rows after them; a writer killed mid-rewrite leaves, per file, the old or the new version, and both hold the
+committed rows. Why not one commit per flush: a writer killed mid-flush leaves the blocks it was writing half
+old, half new across keys; one block of slack bounds that damage to rows nobody trusts.
+
+Integrity. ``ZarrStorage.open(path)`` (writable, what a resume uses) first runs the structural checks of
+:mod:`streamrl.replay.store_integrity` (metadata, cursor, chunk files of the committed rows, the newest block's
+checksum; no row data read but that block) and refuses a damaged store, naming the problem and
+``streamrl store repair PATH``, which moves the cursor back to the last intact block. A store is never opened with
+``mode="w"``: creating one where anything exists is a :class:`StoreError`. A failed write (disk full: ``ENOSPC``)
+raises :class:`StoreError` naming the store and the rows not committed; the committed rows stay intact.
+
+Why uncompressed: chunk files are then plain arrays that :class:`numpy.memmap` maps, so stores larger than RAM
+sample without going through zarr (``in_ram=False``); zarr-python gathers random rows 100x slower than RAM. A
+chunk file is replaced (not rewritten in place) on every flush, so a mapped chunk is remapped after its block is
+written. Nothing is pickled: the metadata is JSON, the chunks raw arrays.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -39,15 +58,11 @@ import numpy as np
 import torch
 from tensordict import TensorDict, TensorDictBase
 
-from streamrl.errors import ConfigError, StoreError
+from streamrl.errors import ConfigError, StoreDiskFull, StoreError
 from streamrl.replay.storage import RamStorage
+from streamrl.replay.store_integrity import FORMAT, check_structure, chunk_file, crc32_of, disk_rows_for
 
-FORMAT = "streamrl.replay/2"
-
-
-def disk_rows_for(capacity: int, block_rows: int) -> int:
-    """Disk slots for a ring of ``capacity`` rows: whole blocks, plus one spare block being written."""
-    return -(-capacity // block_rows) * block_rows + block_rows
+__all__ = ["FORMAT", "ZarrStorage", "disk_rows_for"]
 
 
 class ZarrStorage:
@@ -56,19 +71,26 @@ class ZarrStorage:
     ``path=None`` puts the group at ``<run dir>/replay.zarr`` (the writer stage calls :meth:`attach`).
     ``in_ram=True`` also keeps every row in a RAM ring and samples from it; ``False`` samples from memory-mapped
     chunk files and keeps only the rows not yet on disk in RAM. ``fsync=True`` syncs each block's files to the
-    device before its commit (durable across power loss, not only process death).
+    device before its commit (durable across power loss, not only process death). ``commit_every_s``: pending
+    rows are due for a commit once the oldest of them waited this long (:meth:`commit_due`); the writer stage
+    commits them then, partial block or not, which bounds what ``kill -9`` loses to about that many seconds.
     """
 
     def __init__(self, capacity: int, *, path: str | Path | None = None, block_rows: int = 4096,
-                 fsync: bool = False, in_ram: bool = True) -> None:
+                 fsync: bool = False, in_ram: bool = True, commit_every_s: float = 1.0) -> None:
         if capacity < 1 or block_rows < 1:
             raise ConfigError(f"ZarrStorage needs capacity >= 1 and block_rows >= 1, got {capacity}, {block_rows}")
+        if not commit_every_s > 0:
+            raise ConfigError(f"ZarrStorage needs commit_every_s > 0 (seconds rows may wait uncommitted), got "
+                              f"{commit_every_s}")
         self.capacity = capacity
         self.block_rows = min(block_rows, capacity)
         self.disk_rows = disk_rows_for(capacity, self.block_rows)
         self.path = Path(path) if path is not None else None
+        self.run_dir: Path | None = None  # set by attach; the state records the path relative to it
         self.fsync = fsync
         self.in_ram = in_ram
+        self.commit_every_s = commit_every_s
         self.ram = RamStorage(capacity) if in_ram else None
         # in_ram=False: (first row number, columns) of the rows not on disk yet; replaced whole, never edited in
         # place, so a reader on the loop never sees it half updated by a flush in the writer's thread
@@ -79,12 +101,16 @@ class ZarrStorage:
         self.layout: dict[str, tuple[tuple[int, ...], np.dtype]] = {}  # key path -> (row shape, dtype)
         self.committed_rows = 0
         self.total_written = 0
+        self.first_row = 0  # the oldest row held, once the ring has not wrapped past it (> 0 after a repair)
+        self.pending_since: float | None = None  # time.monotonic() when the oldest pending row came
+        self.crc32: dict[str, int] = {}  # per key: the committed rows of the newest block (the commit records it)
+        self.write_error: StoreError | None = None  # the last flush failed (disk full): close does not retry
         self._maps: dict[int, dict[str, np.ndarray]] = {}  # chunk number -> key path -> memmap
         self._pool: ThreadPoolExecutor | None = None
 
     # -- ring bookkeeping (the sampler contract) -------------------------------------------------------------
     def __len__(self) -> int:
-        return min(self.total_written, self.capacity)
+        return min(self.total_written - self.first_row, self.capacity)
 
     @property
     def cursor(self) -> int:
@@ -104,19 +130,26 @@ class ZarrStorage:
         return last - (last - slots) % self.capacity
 
     # -- creation ----------------------------------------------------------------------------------------------
-    def attach(self, run_dir: Path) -> None:
-        """Resolve a relative or missing path against the run directory."""
+    def attach(self, run_dir: str | Path) -> None:
+        """Resolve a relative or missing path against the run directory, which :meth:`state_dict` records the
+        path relative to (a copied or moved run directory then resumes into its own store)."""
+        self.run_dir = Path(run_dir)
         if self.path is None:
-            self.path = run_dir / "replay.zarr"
+            self.path = self.run_dir / "replay.zarr"
         elif not self.path.is_absolute():
-            self.path = run_dir / self.path
+            self.path = self.run_dir / self.path
 
     def _create(self, rows: TensorDictBase) -> None:
         import zarr
 
         if self.path is None:
             raise StoreError("ZarrStorage has no path: pass path= or run it in a pipeline (the writer attaches it)")
-        self.group = zarr.open_group(str(self.path), mode="w")
+        if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
+            what = "a replay store" if (self.path / "zarr.json").exists() else "something that is not empty"
+            raise StoreError(f"{str(self.path)!r} already holds {what}: a new store is never written over it. Resume "
+                             "the run that wrote it (streamrl run FILE --resume RUN_DIR), or remove it (streamrl "
+                             "run --overwrite does, for a run directory) or choose another path")
+        self.group = zarr.open_group(str(self.path), mode="w-")
         for name, leaf in _columns(rows).items():
             shape, dtype = tuple(leaf.shape[1:]), _numpy_dtype(leaf.dtype)
             array = self.group.create_array(name, shape=(self.disk_rows, *shape), chunks=(self.block_rows, *shape),
@@ -125,12 +158,12 @@ class ZarrStorage:
             self.layout[name] = (shape, dtype)
         # the format attribute comes last: a store without it was never fully created
         self.group.attrs.update({"capacity": self.capacity, "block_rows": self.block_rows, "keys": sorted(self.arrays),
-                                 "committed": self._commit_record()})
+                                 "committed": self._commit_record(self.committed_rows, self.crc32)})
         self.group.attrs["format"] = FORMAT
 
-    def _commit_record(self) -> dict[str, int]:
-        return {"rows": self.committed_rows, "size": min(self.committed_rows, self.capacity),
-                "disk_rows": self.disk_rows}
+    def _commit_record(self, rows: int, crc32: dict[str, int]) -> dict[str, Any]:
+        return {"rows": rows, "size": min(rows - self.first_row, self.capacity), "disk_rows": self.disk_rows,
+                "crc32": crc32}
 
     # -- writing -----------------------------------------------------------------------------------------------
     def extend(self, rows: TensorDictBase) -> torch.Tensor:
@@ -144,6 +177,8 @@ class ZarrStorage:
         if self.group is None:
             self._create(rows)
         first, n, done = self.total_written, rows.shape[0], 0
+        if n and self.pending_since is None:
+            self.pending_since = time.monotonic()
         while done < n:
             if self.pending_rows == self.capacity:
                 self.flush(partial=True)
@@ -180,33 +215,65 @@ class ZarrStorage:
         first, columns, _ = self.tail
         return {name: rows[start - first:end - first] for name, rows in columns.items()}
 
+    def commit_due(self) -> bool:
+        """Whether the oldest pending row has waited ``commit_every_s``: time for ``flush(partial=True)``."""
+        return self.seconds_to_commit() == 0.0
+
+    def seconds_to_commit(self) -> float:
+        """Seconds until pending rows are due for a commit (``commit_every_s`` when none is pending)."""
+        if self.pending_since is None or not self.pending_rows:
+            return self.commit_every_s
+        return max(0.0, self.pending_since + self.commit_every_s - time.monotonic())
+
     def flush(self, *, partial: bool = False) -> int:
         """Write every whole pending block (with ``partial``, the last incomplete one too), committing after each.
 
-        Blocking file I/O: the writer stage calls it from a thread. Returns the committed row count.
+        Blocking file I/O: the writer stage calls it from a thread. Returns the committed row count. A failed write
+        raises :class:`StoreError` (``"disk full writing ..."`` for ``ENOSPC``); the committed rows stay intact.
         """
         if self.group is None:
             return self.committed_rows
         end = self.total_written if partial else self.total_written - self.total_written % self.block_rows
-        while self.committed_rows < end:
-            start = self.committed_rows
-            stop = min(end, (start // self.block_rows + 1) * self.block_rows)  # never past this block's end
-            self._write_block(start, stop)
-            if self.fsync:
-                self._fsync_block(start)
-            self.committed_rows = stop
-            self.group.attrs["committed"] = self._commit_record()
-            if self.fsync:  # the commit record too, or a power loss could take the newest commit back
-                assert self.path is not None
-                _fsync(self.path / "zarr.json")
-                _fsync(self.path)
-            if self.ram is None:
-                first, columns, used = self.tail
-                self.tail = (stop, {name: rows[stop - first:used].copy() for name, rows in columns.items()},
-                             used - (stop - first))
+        try:
+            while self.committed_rows < end:
+                self._commit_block(self.committed_rows,
+                                   min(end, (self.committed_rows // self.block_rows + 1) * self.block_rows))
+        except OSError as exc:
+            self.write_error = self._write_failed(exc)
+            raise self.write_error from exc
+        self.write_error = None
+        if not self.pending_rows:
+            self.pending_since = None
         return self.committed_rows
 
-    def _write_block(self, start: int, stop: int) -> None:
+    def _commit_block(self, start: int, stop: int) -> None:
+        """Write rows ``start .. stop - 1`` (one block, or the rest of one), then commit them."""
+        data = self._write_block(start, stop)
+        if self.fsync:
+            self._fsync_block(start)
+        fresh = start % self.block_rows == 0 or start == self.first_row  # the checksum covers this block's rows
+        crc32 = {name: crc32_of(column, 0 if fresh else self.crc32.get(name, 0)) for name, column in data.items()}
+        self.group.attrs["committed"] = self._commit_record(stop, crc32)
+        self.committed_rows, self.crc32 = stop, crc32
+        if self.fsync:  # the commit record too, or a power loss could take the newest commit back
+            assert self.path is not None
+            _fsync(self.path / "zarr.json")
+            _fsync(self.path)
+        if self.ram is None:
+            first, columns, used = self.tail
+            self.tail = (stop, {name: rows[stop - first:used].copy() for name, rows in columns.items()},
+                         used - (stop - first))
+
+    def _write_failed(self, exc: OSError) -> StoreError:
+        pending = self.pending_rows
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            assert self.path is not None
+            return StoreDiskFull(self.path, f"{pending} rows not committed; the store keeps its {self.committed_rows} "
+                                            "committed rows intact. Free space and resume the run")
+        return StoreError(f"writing {self.path} failed ({exc}): {pending} rows not committed; the store keeps its "
+                          f"{self.committed_rows} committed rows intact. Fix the cause and resume the run")
+
+    def _write_block(self, start: int, stop: int) -> dict[str, np.ndarray]:
         data = self._block_data(start, stop)
         disk = start % self.disk_rows
         if self._pool is None:
@@ -215,14 +282,17 @@ class ZarrStorage:
         def write(name: str) -> None:
             self.arrays[name][disk:disk + stop - start] = data[name]
 
-        for future in [self._pool.submit(write, name) for name in self.arrays]:  # all keys at once
-            future.result()
+        futures = [self._pool.submit(write, name) for name in self.arrays]  # all keys at once
+        for future in futures:  # every write ends before a failure is raised: none is left writing
+            future.exception()
         self._maps.pop(disk // self.block_rows, None)  # its chunk files were replaced: remap on the next read
+        for future in futures:
+            future.result()
+        return data
 
     def _chunk_file(self, name: str, chunk: int) -> Path:
         assert self.path is not None
-        shape, _ = self.layout[name]
-        return self.path.joinpath(name, "c", str(chunk), *("0" for _ in shape))
+        return chunk_file(self.path, name, chunk, len(self.layout[name][0]))
 
     def _fsync_block(self, start: int) -> None:
         chunk = start % self.disk_rows // self.block_rows
@@ -237,8 +307,10 @@ class ZarrStorage:
             future.result()
 
     def close(self) -> None:
-        """Flush what is left (a partial block too) and commit."""
-        self.flush(partial=True)
+        """Flush what is left (a partial block too) and commit; after a failed flush, only release the threads
+        (the failure was raised already, naming the rows not committed)."""
+        if self.write_error is None:
+            self.flush(partial=True)
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
@@ -282,30 +354,74 @@ class ZarrStorage:
 
     # -- state -------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Where the rows are: a checkpoint holds the path and counts, the store holds the data."""
-        return {"path": str(self.path), "committed_rows": self.committed_rows, "total_written": self.total_written}
+        """Where the rows are: a checkpoint holds the path and counts, the store holds the data.
+
+        The path is relative to the run directory when the store lies inside it (absolute otherwise), so a run
+        directory resumes into its own store wherever it was moved or copied to.
+        """
+        return {"path": self._recorded_path(), "committed_rows": self.committed_rows,
+                "total_written": self.total_written}
+
+    def _recorded_path(self) -> str | None:
+        if self.path is None:
+            return None
+        path = Path(os.path.abspath(self.path))
+        if self.run_dir is not None and path.is_relative_to(os.path.abspath(self.run_dir)):
+            return path.relative_to(os.path.abspath(self.run_dir)).as_posix()
+        return str(path)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Reopen the store the state names, with every row committed there (rows stored after the checkpoint
-        too: they are whole transitions)."""
-        store = ZarrStorage.open(state["path"], in_ram=self.in_ram)
+        too: they are whole transitions). A relative path is resolved against the run directory (:meth:`attach`
+        first; the writer stage's buffer does). The store may hold fewer rows than the state counts (damaged and
+        repaired): ``total_written`` then tells, and :class:`~streamrl.replay.buffer.ReplayBuffer` reconciles."""
+        recorded = state.get("path")
+        path = Path(recorded) if recorded is not None else self.path
+        if path is None:
+            raise StoreError("the state names no store and this ZarrStorage has no path: pass path=")
+        if not path.is_absolute():
+            if self.run_dir is None:
+                raise StoreError(f"the store path {recorded!r} is relative to the run directory: call "
+                                 "attach(run_dir) before load_state_dict (a pipeline's writer stage does)")
+            path = self.run_dir / path
+        if not (path / "zarr.json").exists():
+            if state["total_written"] == 0:  # the checkpoint came before the first row: nothing to reopen
+                self.path = path
+                return
+            raise StoreError(f"no replay store at {str(path)!r}, where the checkpoint counts "
+                             f"{state['total_written']} rows: put the run directory's replay.zarr back, or start a "
+                             "new run")
+        store = ZarrStorage.open(path, in_ram=self.in_ram)
         if store.capacity != self.capacity:
-            raise StoreError(f"the store at {state['path']!r} holds {store.capacity} rows but this storage was "
+            raise StoreError(f"the store at {str(path)!r} holds {store.capacity} rows but this storage was "
                              f"built for {self.capacity}; resume with the capacity the run started with")
-        store.fsync = self.fsync
+        store.fsync, store.commit_every_s, store.run_dir = self.fsync, self.commit_every_s, self.run_dir
         self.__dict__.update(store.__dict__)
 
     @classmethod
     def open(cls, path: str | Path, *, in_ram: bool = True, writable: bool = True) -> ZarrStorage:
         """Reopen a store after a clean exit or a crash: its committed rows, writing resumes after them.
 
-        With ``writable``, leftovers of an interrupted write (``*.partial`` files) are removed first.
+        With ``writable`` (what a resume uses), the structural checks run first
+        (:func:`~streamrl.replay.store_integrity.check_structure`: metadata, cursor, chunk files, the newest
+        block's checksum) and a damaged store is refused with the problem named; leftovers of an interrupted
+        write (``*.partial`` files) are removed.
         """
         import zarr
 
         path = Path(path)
         if not (path / "zarr.json").exists():
             raise StoreError(f"no replay store at {str(path)!r} (no zarr.json)")
+        crc32: dict[str, int] = {}
+        if writable:
+            found = check_structure(path)
+            if found.errors:
+                more = f" (and {len(found.errors) - 1} more)" if len(found.errors) > 1 else ""
+                repair = (f"`streamrl store repair {path}` moves the committed cursor back to the last intact block "
+                          "(the rows after it are lost); " if found.repairable else "")
+                raise StoreError(f"the replay store at {str(path)!r} is damaged: {found.errors[0]}{more}. "
+                                 f"{repair}`streamrl store check {path}` lists every problem")
+            crc32 = found.crc32
         group = zarr.open_group(str(path), mode="r+" if writable else "r")
         attrs: dict[str, Any] = dict(group.attrs)
         if attrs.get("format") != FORMAT:
@@ -320,7 +436,10 @@ class ZarrStorage:
             array: Any = group[name]
             store.arrays[name] = array.with_config({"write_empty_chunks": True}) if writable else array
             store.layout[name] = (tuple(array.shape[1:]), array.dtype)
-        store.committed_rows = store.total_written = attrs["committed"]["rows"]
+        committed = attrs["committed"]
+        store.committed_rows = store.total_written = committed["rows"]
+        store.first_row = committed["rows"] - committed["size"]
+        store.crc32 = crc32
         store.tail = (store.committed_rows, {}, 0)
         if store.ram is not None and len(store):
             store._load_ram()

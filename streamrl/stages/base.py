@@ -24,8 +24,10 @@ trained on after the run needs a ``.clone()`` outside inference mode.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from streamrl.errors import PipelineError
@@ -61,6 +63,17 @@ class Stage(ABC):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
+
+    @contextlib.asynccontextmanager
+    async def held_for_checkpoint(self) -> AsyncIterator[None]:
+        """Hold the stage still while a checkpoint reads its ``state_dict``: durable first, then unchanged.
+
+        The ``Checkpoint`` hook enters this for every stage of the main process before it reads their states
+        and leaves it after. A stage with data on its way to disk overrides it: a replay writer commits its
+        store's pending rows and inserts nothing until the checkpoint has its state, so a checkpoint never counts
+        a row the store does not hold.
+        """
+        yield
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"

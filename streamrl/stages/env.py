@@ -13,6 +13,13 @@ buffered, the stage publishes a ``chunk`` event (lockstep subscribers may edit t
 ``batch_process`` hooks do) and sends the chunk downstream. It stops when ``total_frames`` frames were emitted
 or when a stop is requested, at a chunk boundary.
 
+Liveness: every ``reset`` and ``step`` of the env must return within ``step_timeout`` seconds (default 60; None:
+no limit). One that does not ends the run with :class:`~streamrl.errors.EnvStepTimeout` naming the env, the call,
+the stage's frame count and, for subprocess workers, the worker's index and pid. Subprocess workers that owe an
+answer are killed; a call stuck in a thread of this process is left behind in a daemon thread (a Python thread
+cannot be killed; it does not keep the process from exiting); a call on the event loop's thread (the fast path of
+in-process vector envs) is interrupted. See :mod:`streamrl.envs.deadlines`.
+
 Double buffering: two env stages (``group=0`` and ``group=1``) may share one policy stage; while one group waits
 for inference the other steps its envs. That pays off when envs step in subprocesses (``backend="subprocess"``:
 the stage awaits the workers without blocking the loop) or inference runs on a GPU. For in-process vector envs a
@@ -21,18 +28,26 @@ single group is faster.
 
 from __future__ import annotations
 
+import time
+from functools import partial
 from typing import Any
 
 import anyio
+import structlog
 import torch
 from tensordict import TensorDict
 
 from streamrl.envs.base import EnvBase
 from streamrl.envs.chunks import ChunkBuilder, TensorDictChunkBuilder
+from streamrl.envs.deadlines import CallInterrupted, CallThread, CallTimedOut, LoopDeadline
 from streamrl.envs.gym import GymEnv
-from streamrl.errors import ConfigError, WouldBlock
+from streamrl.envs.workers import describe_workers, kill_unanswered
+from streamrl.errors import ConfigError, EnvStepTimeout, WouldBlock
 from streamrl.stages.base import Stage, StageContext
 from streamrl.stages.policy import StepRequest
+
+log = structlog.get_logger("streamrl.stages.env")
+SUBPROCESS_MARGIN = 2.0  # extra seconds a thread waits on subprocess workers, so that their own timeout reports first
 
 
 class EnvStage(Stage):
@@ -51,11 +66,18 @@ class EnvStage(Stage):
         total_frames: int | None = None,
         group: int = 0,
         record: tuple[str, ...] = ("action",),
+        step_timeout: float | None = 60.0,
     ) -> None:
         super().__init__(name)
-        if frames_per_chunk % env.num_envs:
+        if step_timeout is not None and (isinstance(step_timeout, bool) or not step_timeout > 0):
+            raise ConfigError(f"EnvStage {name!r}: step_timeout must be a number of seconds > 0 (or None: no limit), "
+                              f"got {step_timeout!r}")
+        if total_frames is not None and (isinstance(total_frames, bool) or total_frames < 1):
+            raise ConfigError(f"EnvStage {name!r}: total_frames must be >= 1 (or None: no budget), got "
+                              f"{total_frames!r}; a run of no frames has nothing to do")
+        if frames_per_chunk < 1 or frames_per_chunk % env.num_envs:
             raise ConfigError(
-                f"EnvStage {name!r}: frames_per_chunk={frames_per_chunk} must be a multiple of "
+                f"EnvStage {name!r}: frames_per_chunk={frames_per_chunk} must be a positive multiple of "
                 f"num_envs={env.num_envs}; each chunk holds the same number of steps for every env"
             )
         self.env = env
@@ -66,6 +88,30 @@ class EnvStage(Stage):
         self.frames = 0
         self.chunks = 0
         self.segment = 0  # how many times the run was resumed: each segment gets fresh traj_ids and env seeds
+        self.step_timeout = step_timeout
+        self._thread: CallThread | None = None  # steps the TensorDict path, made in run() (threads do not pickle)
+
+    def _gym_env(self) -> GymEnv | None:
+        """The gymnasium env under the transforms, if there is one."""
+        env: Any = self.env
+        while not isinstance(env, GymEnv):
+            env = getattr(env, "base_env", None)
+            if env is None:
+                return None
+        return env
+
+    def _env_name(self) -> str:
+        gym_env = self._gym_env()
+        return gym_env.name if gym_env is not None else type(self.env).__name__
+
+    def _timed_out(self, call: str, frame: int, what: str,
+                   workers: tuple[tuple[int, int | None], ...] = ()) -> EnvStepTimeout:
+        """The run's error for a ``call`` that outlived ``step_timeout``; ``what`` says what became of it."""
+        name = self._env_name()
+        return EnvStepTimeout(
+            f"env {name!r} (stage {self.name!r}): {call} did not return within step_timeout={self.step_timeout:g} s, "
+            f"at frame {frame}; {what}. An env call that hangs ends the run; if the env is this slow on purpose, "
+            "give the stage a larger EnvStage(step_timeout=...)", env=name, call=call, frames=frame, workers=workers)
 
     def _uses_arrays(self) -> bool:
         """The fast path: a plain gymnasium vector env with one ``observation`` array."""
@@ -75,14 +121,37 @@ class EnvStage(Stage):
     async def run(self, ctx: StageContext) -> None:
         seed = self.env.seed if self.env.seed is not None else ctx.run.seed + 7919 * self.group
         seed += 104_729 * self.segment
-        if not self._uses_arrays():
+        gym_env = self._gym_env()
+        if gym_env is not None:
+            gym_env.step_timeout = self.step_timeout  # bounds the waits for its subprocess workers
+        if self._uses_arrays():
+            await self._run_arrays(ctx, seed)
+        else:
             await self._run_tensordict(ctx, seed)
-            return
+
+    async def _run_arrays(self, ctx: StageContext, seed: int) -> None:
+        """The fast path: numpy rows into preallocated buffers; in-process envs step on the event loop's thread
+        (bounded by a :class:`~streamrl.envs.deadlines.LoopDeadline`), subprocess workers are awaited."""
         env = self.env
         assert isinstance(env, GymEnv)
-        observation = env.open().reset_arrays(seed=seed)
-        builder = ChunkBuilder(env.num_envs, self.steps_per_chunk, observation,
-                               drops_rows=env.autoreset == "next_step", first_traj=self.first_traj)
+        builder: ChunkBuilder | None = None
+        with LoopDeadline(self.step_timeout) as deadline:
+            try:
+                deadline.started = time.monotonic()
+                observation = env.reset_arrays(seed=seed)
+                deadline.started = 0.0
+                builder = ChunkBuilder(env.num_envs, self.steps_per_chunk, observation,
+                                       drops_rows=env.autoreset == "next_step", first_traj=self.first_traj)
+                await self._step_arrays(ctx, env, builder, deadline)
+            except CallInterrupted:
+                call, frame = ("reset", self.frames) if builder is None else ("step", self._frame(builder.t))
+                raise self._timed_out(call, frame, "the call was interrupted") from None
+            except EnvStepTimeout as exc:  # the subprocess workers' own timeout
+                call, frame = ("reset", self.frames) if builder is None else ("step", self._frame(builder.t))
+                raise self._timed_out(call, frame, _killed(exc.workers), exc.workers) from exc
+
+    async def _step_arrays(self, ctx: StageContext, env: GymEnv, builder: ChunkBuilder,
+                           deadline: LoopDeadline) -> None:
         td = TensorDict({"observation": torch.from_numpy(builder.current_obs)}, batch_size=[env.num_envs])
         request = StepRequest(td, self.group)
         requests = ctx.output("requests")
@@ -94,6 +163,8 @@ class EnvStage(Stage):
         subprocess = env.is_subprocess
         total = self.total_frames
         steps = self.steps_per_chunk
+        timeout = self.step_timeout
+        monotonic = time.monotonic
         while not ctx.stopping and (total is None or self.frames < total):
             request.new_chunk = True
             first = True
@@ -112,37 +183,73 @@ class EnvStage(Stage):
                     builder.record(key, out.get(key).numpy())
                 if subprocess:
                     vector_env.step_async(action)
-                    await env.wait_ready()
+                    with anyio.move_on_after(timeout) as waiting:
+                        await env.wait_ready()
+                    if waiting.cancelled_caught:
+                        hung = kill_unanswered(vector_env)
+                        raise self._timed_out("step", self._frame(builder.t), _killed(hung), hung)
                     result = vector_env.step_wait()
                 else:
+                    deadline.started = monotonic()
                     result = vector_env.step(action)
+                    deadline.started = 0.0
+                    if deadline.expired:  # it returned late, not interrupted (an event loop off the main thread)
+                        raise CallInterrupted()
                 add(action, *result)
             await self._send_chunk(ctx, chunks, builder)
 
     async def _run_tensordict(self, ctx: StageContext, seed: int) -> None:
-        """Any env with the TensorDict API (transforms, pixels): each step runs in a worker thread, so that the
-        event loop serves other stages (a second env group, the learner) while envs step or render."""
+        """Any env with the TensorDict API (transforms, pixels): each call runs in a daemon thread
+        (:class:`~streamrl.envs.deadlines.CallThread`), so that the event loop serves other stages (a second env
+        group, the learner) while envs step or render, and a hung call ends the run after ``step_timeout``."""
         env = self.env
-        env.set_seed(seed)
-        root = await anyio.to_thread.run_sync(env.reset)
-        builder = TensorDictChunkBuilder(env.num_envs, self.steps_per_chunk, first_traj=self.first_traj)
-        requests, receive_answer, chunks = ctx.output("requests"), ctx.input("actions").receive, ctx.output("chunks")
-        total = self.total_frames
-        while not ctx.stopping and (total is None or self.frames < total):
-            for t in range(self.steps_per_chunk):
-                request = StepRequest(root, self.group)
-                request.new_chunk = first = t == 0
-                if first:
-                    before = set(root.keys())
-                await requests.send(request)
-                answer = await receive_answer()
-                td = answer.td
-                if first:  # the policy's outputs are the same every step: decide once which are not recorded
-                    builder.version = answer.version
-                    builder.drop = set(td.keys()) - before - {"action", *self.record}
-                td, root = await anyio.to_thread.run_sync(env.step_and_maybe_reset, td)
-                builder.add(td)
-            await self._send_chunk(ctx, chunks, builder)
+        thread = self._thread = CallThread(f"env stage {self.name}")
+        gym_env = self._gym_env()
+        call, frame = "reset", self.frames
+        try:
+            if gym_env is not None:  # opened first: does the thread wait on subprocess workers?
+                await thread.call(self.step_timeout, partial(gym_env.open, same_step=True))
+            timeout = self.step_timeout
+            if timeout is not None and self._steps_in_subprocesses():
+                timeout += SUBPROCESS_MARGIN  # the workers' own timeout names them: let it report first
+            env.set_seed(seed)
+            root = await thread.call(timeout, env.reset)
+            builder = TensorDictChunkBuilder(env.num_envs, self.steps_per_chunk, first_traj=self.first_traj)
+            requests, receive_answer = ctx.output("requests"), ctx.input("actions").receive
+            chunks = ctx.output("chunks")
+            total = self.total_frames
+            call = "step"
+            while not ctx.stopping and (total is None or self.frames < total):
+                for t in range(self.steps_per_chunk):
+                    request = StepRequest(root, self.group)
+                    request.new_chunk = first = t == 0
+                    if first:
+                        before = set(root.keys())
+                    await requests.send(request)
+                    answer = await receive_answer()
+                    td = answer.td
+                    if first:  # the policy's outputs are the same every step: decide once which are not recorded
+                        builder.version = answer.version
+                        builder.drop = set(td.keys()) - before - {"action", *self.record}
+                    frame = self._frame(t)
+                    td, root = await thread.call(timeout, env.step_and_maybe_reset, td)
+                    builder.add(td)
+                await self._send_chunk(ctx, chunks, builder)
+        except CallTimedOut:
+            what = ("it runs in a thread of this process, which cannot be stopped: the thread is left behind (a "
+                    "daemon thread: it does not keep the process from exiting)")
+            raise self._timed_out(call, frame, what) from None
+        except EnvStepTimeout as exc:  # the subprocess workers' own timeout
+            raise self._timed_out(call, frame, _killed(exc.workers), exc.workers) from exc
+
+    def _steps_in_subprocesses(self) -> bool:
+        """Whether the env (opened) runs subprocess workers."""
+        gym_env = self._gym_env()
+        return gym_env is not None and getattr(gym_env, "resolved_backend", None) == "subprocess"
+
+    def _frame(self, step: int) -> int:
+        """The frame count at ``step`` of the chunk being collected."""
+        return self.frames + step * self.env.num_envs
 
     async def _send_chunk(self, ctx: StageContext, chunks: Any, builder: ChunkBuilder | TensorDictChunkBuilder) -> None:
         """Publish the finished chunk (lockstep hooks may edit it, as TorchRL's ``batch_process``), then send it."""
@@ -155,7 +262,18 @@ class EnvStage(Stage):
         await chunks.send(chunk)
 
     async def close(self, ctx: StageContext) -> None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.close()
+            if thread.stuck and not self._steps_in_subprocesses():
+                log.warning("env not closed: a call of it is stuck in a thread", stage=self.name, env=self._env_name())
+                return  # closing it under the stuck call could hang too
         self.env.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_thread"] = None  # a thread does not travel to a worker process
+        return state
 
     @property
     def first_traj(self) -> int:
@@ -175,3 +293,9 @@ class EnvStage(Stage):
         self.segment = state["segment"] + 1
         if state.get("transform") is not None:
             self.env.transform.load_state_dict(state["transform"])  # type: ignore[attr-defined]
+
+
+def _killed(workers: tuple[tuple[int, int | None], ...]) -> str:
+    if not workers:
+        return "no subprocess worker owed an answer any more"
+    return f"{describe_workers(workers)} did not answer and {'was' if len(workers) == 1 else 'were'} killed"

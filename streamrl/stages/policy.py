@@ -35,7 +35,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 
-from streamrl.errors import EndOfStream, WouldBlock
+from streamrl.errors import ConfigError, EndOfStream, WouldBlock
 from streamrl.stages.base import Stage, StageContext
 
 
@@ -75,10 +75,10 @@ class PolicyStage(Stage):
     ) -> None:
         super().__init__(name)
         if max_policy_lag is not None and max_policy_lag < 0:
-            raise ValueError(f"PolicyStage {name!r}: max_policy_lag must be >= 0 (or None), got {max_policy_lag}")
+            raise ConfigError(f"PolicyStage {name!r}: max_policy_lag must be >= 0 (or None), got {max_policy_lag}")
         self.max_policy_lag = max_policy_lag
         if groups not in (1, 2):
-            raise ValueError(f"PolicyStage {name!r}: groups must be 1 or 2, got {groups}")
+            raise ConfigError(f"PolicyStage {name!r}: groups must be 1 or 2, got {groups}")
         self.policy = policy
         self.weights_module = weights_module if weights_module is not None else policy
         self.groups = groups

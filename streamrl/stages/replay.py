@@ -11,13 +11,22 @@
 The two stages share the buffer (they must run in the same process) and meet only through its rate limiter:
 the writer awaits permission to insert a chunk (counting the rows ``extend`` keeps: the ``valid`` ones), the
 sampler awaits permission to sample. Before its first insert the writer checks that the storage can serve the
-limiter (``RateLimiter.check_capacity``). A zarr store is flushed in a worker thread, block by block, so disk I/O
-never blocks the event loop; the store is flushed and committed in ``close`` on every exit path. When the
-writer's input ends, the sampler drains what the limiter still allows and ends too, which ends the learner.
+limiter (``RateLimiter.check_capacity``). When the writer's input ends, the sampler drains what the limiter still
+allows and ends too, which ends the learner.
+
+A zarr store is flushed in a worker thread, so disk I/O never blocks the event loop: whole blocks as they fill,
+and pending rows once the oldest of them waited ``ZarrStorage.commit_every_s`` (default 1 s; a background task
+commits them while the writer waits for chunks or for the limiter). So ``kill -9`` loses at most the rows of the
+last second or the last chunk. The store is flushed and committed in ``close`` on every exit path. A checkpoint
+enters :meth:`WriterStage.held_for_checkpoint`: every pending row is committed first and no row is inserted until
+the checkpoint has read the states, so the rows a checkpoint counts are rows the store holds.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -37,6 +46,7 @@ class WriterStage(Stage):
         super().__init__(name)
         self.buffer = buffer
         self.rows = 0
+        self._lock = anyio.Lock()  # extend + flush + count, a timed commit, a checkpoint: one at a time
 
     async def run(self, ctx: StageContext) -> None:
         buffer = self.buffer
@@ -45,21 +55,53 @@ class WriterStage(Stage):
         storage = buffer.storage
         try:
             limiter.check_capacity(storage.capacity)
-            async for chunk in ctx.input("chunks"):
-                ctx.extra_wait_s += await limiter.wait_insert(buffer.rows_for(chunk))
-                n = len(buffer.extend(chunk))
-                self.rows += n
-                if isinstance(storage, ZarrStorage) and storage.pending_rows >= storage.block_rows:
-                    await anyio.to_thread.run_sync(storage.flush)
-                limiter.inserted(n)
-                if ctx.wants("stored"):
-                    await ctx.publish("stored", rows=self.rows, size=len(buffer))
+            async with anyio.create_task_group() as tasks:
+                if isinstance(storage, ZarrStorage):
+                    tasks.start_soon(self._commit_on_time, storage)
+                async for chunk in ctx.input("chunks"):
+                    ctx.extra_wait_s += await limiter.wait_insert(buffer.rows_for(chunk))
+                    async with self._lock:
+                        n = len(buffer.extend(chunk))
+                        if isinstance(storage, ZarrStorage):
+                            due = storage.commit_due()
+                            if due or storage.pending_rows >= storage.block_rows:
+                                await _flush(storage, partial=due)
+                        limiter.inserted(n)
+                    self.rows += n
+                    if ctx.wants("stored"):
+                        await ctx.publish("stored", rows=self.rows, size=len(buffer))
+                tasks.cancel_scope.cancel()
+        except BaseExceptionGroup as group:  # a task failed: raise its error, not the group
+            cancelled = anyio.get_cancelled_exc_class()
+            raise next((e for e in group.exceptions if not isinstance(e, cancelled)), group.exceptions[0]) from None
         finally:
             limiter.close_inserts()
 
+    async def _commit_on_time(self, storage: ZarrStorage) -> None:
+        """Commit pending rows once the oldest waited ``commit_every_s``, also while no chunk comes."""
+        while True:
+            await anyio.sleep(storage.seconds_to_commit())
+            async with self._lock:
+                if storage.commit_due():
+                    await _flush(storage, partial=True)
+
+    @contextlib.asynccontextmanager
+    async def held_for_checkpoint(self) -> AsyncIterator[None]:
+        """Commit every pending row, then insert nothing until the checkpoint has read the states.
+
+        Raises :class:`~streamrl.errors.StoreError` when the rows cannot be committed (disk full): a checkpoint
+        that counted them would promise rows the store does not hold, so none is taken.
+        """
+        async with self._lock:
+            storage = self.buffer.storage
+            if isinstance(storage, ZarrStorage) and storage.pending_rows:
+                await _flush(storage, partial=True)
+            yield
+
     async def close(self, ctx: StageContext) -> None:
         self.buffer.limiter.close_inserts()
-        await anyio.to_thread.run_sync(self.buffer.storage.close)
+        async with self._lock:
+            await anyio.to_thread.run_sync(self.buffer.storage.close)
 
     def state_dict(self) -> dict[str, Any]:
         return {"rows": self.rows, "buffer": self.buffer.state_dict()}
@@ -67,6 +109,11 @@ class WriterStage(Stage):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rows = state["rows"]
         self.buffer.load_state_dict(state["buffer"])
+
+
+async def _flush(storage: ZarrStorage, *, partial: bool) -> None:
+    """Flush in a worker thread (blocking file I/O never runs on the event loop)."""
+    await anyio.to_thread.run_sync(functools.partial(storage.flush, partial=partial))
 
 
 class SamplerStage(Stage):

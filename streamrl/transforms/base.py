@@ -37,6 +37,7 @@ from tensordict import TensorDictBase
 
 from streamrl.envs.base import EnvBase
 from streamrl.envs.specs import Bounded, Composite, Spec, Unbounded
+from streamrl.errors import ConfigError
 
 
 class Transform(torch.nn.Module):
@@ -50,8 +51,8 @@ class Transform(torch.nn.Module):
         self.in_keys = list(in_keys)
         self.out_keys = list(self.in_keys if out_keys is None else out_keys)
         if len(self.in_keys) != len(self.out_keys):
-            raise ValueError(f"{type(self).__name__}: in_keys and out_keys need the same length, got "
-                             f"{self.in_keys=}, {self.out_keys=}")
+            raise ConfigError(f"{type(self).__name__}: in_keys and out_keys need the same length, got "
+                              f"{self.in_keys=}, {self.out_keys=}")
         self.__dict__["_container"] = None  # a Compose or a TransformedEnv; not a submodule (no cycle)
 
     # -- data ----------------------------------------------------------------------------------------------
@@ -120,7 +121,7 @@ class Transform(torch.nn.Module):
     def _set_container(self, container: Compose | TransformedEnv | None) -> None:
         current = self.__dict__["_container"]
         if container is not None and current is not None and current is not container:
-            raise ValueError(f"{self!r} already belongs to another Compose or env; make a new transform instead")
+            raise ConfigError(f"{self!r} already belongs to another Compose or env; make a new transform instead")
         self.__dict__["_container"] = container
 
     @property

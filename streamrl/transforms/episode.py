@@ -33,7 +33,7 @@ from tensordict import TensorDictBase
 
 from streamrl.envs.gym import GymEnv
 from streamrl.envs.specs import Bounded, Composite, Unbounded
-from streamrl.errors import EnvError
+from streamrl.errors import ConfigError, EnvError
 from streamrl.transforms._chunks import ends_open, episode_starts, segment_cumsum
 from streamrl.transforms.base import Transform, TransformedEnv
 
@@ -123,7 +123,7 @@ class StepCounter(_PerEnv):
     def __init__(self, max_steps: int | None = None, step_count_key: str = "step_count") -> None:
         super().__init__((), ())
         if max_steps is not None and max_steps < 1:
-            raise ValueError(f"StepCounter: max_steps must be >= 1 or None, got {max_steps}")
+            raise ConfigError(f"StepCounter: max_steps must be >= 1 or None, got {max_steps}")
         self.out_keys = [step_count_key]
         self.max_steps = max_steps
 
@@ -171,7 +171,7 @@ class RewardSum(_PerEnv):
     def __init__(self, in_keys: Sequence[str] = ("reward",), out_keys: Sequence[str] = ("episode_reward",)) -> None:
         super().__init__(in_keys, out_keys)
         if len(self.in_keys) != 1:
-            raise ValueError(f"RewardSum sums one reward entry, got in_keys={self.in_keys}")
+            raise ConfigError(f"RewardSum sums one reward entry, got in_keys={self.in_keys}")
 
     def _increment(self, next_td: TensorDictBase) -> torch.Tensor:
         return next_td.get(self.in_keys[0])
@@ -191,9 +191,9 @@ class NoopResetEnv(Transform):
     def __init__(self, noops: int = 30, random: bool = True) -> None:
         super().__init__()
         if noops < 1:
-            raise ValueError(f"NoopResetEnv: noops must be >= 1, got {noops}")
+            raise ConfigError(f"NoopResetEnv: noops must be >= 1, got {noops}")
         if not random:
-            raise ValueError("NoopResetEnv: only random=True (1..noops no-ops per reset) is supported")
+            raise ConfigError("NoopResetEnv: only random=True (1..noops no-ops per reset) is supported")
         self.noops = noops
         self.random = random
 
@@ -216,7 +216,7 @@ class FrameSkip(Transform):
     def __init__(self, frame_skip: int = 1) -> None:
         super().__init__()
         if frame_skip < 1:
-            raise ValueError(f"FrameSkip: frame_skip must be >= 1, got {frame_skip}")
+            raise ConfigError(f"FrameSkip: frame_skip must be >= 1, got {frame_skip}")
         self.frame_skip = frame_skip
         self.__dict__["_configured"] = None
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tensordict import TensorDictBase
 
 from streamrl.envs.specs import Bounded, Spec, Unbounded
+from streamrl.errors import ConfigError
 from streamrl.transforms._chunks import ends_open, episode_starts, last_start
 from streamrl.transforms.base import Transform
 
@@ -73,11 +74,11 @@ class Resize(Transform):
                  in_keys: Sequence[str] = ("pixels",), out_keys: Sequence[str] | None = None) -> None:
         super().__init__(in_keys, out_keys)
         if interpolation not in ("bilinear", "nearest"):
-            raise ValueError(f"Resize: interpolation must be 'bilinear' or 'nearest', got {interpolation!r}")
+            raise ConfigError(f"Resize: interpolation must be 'bilinear' or 'nearest', got {interpolation!r}")
         self.w = int(w)
         self.h = int(w if h is None else h)
         if self.w < 1 or self.h < 1:
-            raise ValueError(f"Resize: sizes must be >= 1, got w={self.w}, h={self.h}")
+            raise ConfigError(f"Resize: sizes must be >= 1, got w={self.w}, h={self.h}")
         self.interpolation = interpolation
 
     def _apply_transform(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,12 +116,12 @@ class CatFrames(Transform):
                  out_keys: Sequence[str] | None = None, padding: str = "same") -> None:
         super().__init__(in_keys, out_keys)
         if N < 1:
-            raise ValueError(f"CatFrames: N must be >= 1, got {N}")
+            raise ConfigError(f"CatFrames: N must be >= 1, got {N}")
         if dim >= 0:
-            raise ValueError(f"CatFrames: dim must be negative (a dim of one frame, counted from the end), got {dim}")
+            raise ConfigError(f"CatFrames: dim must be negative (a dim of one frame, counted from the end), got {dim}")
         if padding != "same":
-            raise ValueError(f"CatFrames: only padding='same' (repeat the episode's first frame) is supported, "
-                             f"got {padding!r}")
+            raise ConfigError(f"CatFrames: only padding='same' (repeat the episode's first frame) is supported, "
+                              f"got {padding!r}")
         self.N = N
         self.dim = dim
         self.padding = padding

@@ -21,6 +21,7 @@ import torch
 from tensordict import TensorDictBase
 
 from streamrl.envs.specs import Bounded, Composite, Spec, Unbounded
+from streamrl.errors import ConfigError
 from streamrl.transforms.base import Transform
 
 
@@ -41,8 +42,8 @@ class ObservationNorm(Transform):
                  eps: float = 1e-6) -> None:
         super().__init__(in_keys, out_keys)
         if (loc is None) != (scale is None):
-            raise ValueError(f"ObservationNorm: give both loc and scale, or neither (then call init_stats); "
-                             f"got {loc=}, {scale=}")
+            raise ConfigError(f"ObservationNorm: give both loc and scale, or neither (then call init_stats); "
+                              f"got {loc=}, {scale=}")
         self.register_buffer("loc", _as_buffer(loc))
         self.register_buffer("scale", _as_buffer(scale))
         self.register_buffer("standard_normal", torch.tensor(bool(standard_normal)))
@@ -78,9 +79,9 @@ class ObservationNorm(Transform):
                                "(TransformedEnv(env, Compose(..., norm)) or env.append_transform(norm))")
         key = self.in_keys[0] if key is None else key
         if num_iter < 1:
-            raise ValueError(f"init_stats: num_iter must be >= 1, got {num_iter}")
+            raise ConfigError(f"init_stats: num_iter must be >= 1, got {num_iter}")
         if cat_dim != 0:
-            raise ValueError(f"init_stats: the rollout's frames are joined along dim 0; got {cat_dim=}")
+            raise ConfigError(f"init_stats: the rollout's frames are joined along dim 0; got {cat_dim=}")
         data = parent.rollout(num_iter, break_when_any_done=False).get(key)
         data = data.reshape(-1, *data.shape[2:]).to(torch.float32)
         dims = [reduce_dim] if isinstance(reduce_dim, int) else list(reduce_dim)
@@ -171,9 +172,9 @@ class CatTensors(Transform):
                  del_keys: bool = True) -> None:
         super().__init__(in_keys, [out_key] * len(in_keys))
         if not self.in_keys:
-            raise ValueError("CatTensors needs at least one in_key")
+            raise ConfigError("CatTensors needs at least one in_key")
         if dim >= 0:
-            raise ValueError(f"CatTensors: dim must be negative (a dim of the entries), got {dim}")
+            raise ConfigError(f"CatTensors: dim must be negative (a dim of the entries), got {dim}")
         self.out_key = out_key
         self.dim = dim
         self.del_keys = del_keys

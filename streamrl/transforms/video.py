@@ -25,6 +25,7 @@ import torch
 from tensordict import TensorDictBase
 
 from streamrl.envs.base import EnvBase
+from streamrl.errors import ConfigError
 from streamrl.transforms.base import Compose, Transform, TransformedEnv
 
 
@@ -52,7 +53,7 @@ class VideoRecorder(Transform):
                  episodes: int | None = None, max_frames: int = 5_000) -> None:
         super().__init__([in_key])
         if every < 1 or fps < 1:
-            raise ValueError(f"VideoRecorder: every and fps must be >= 1, got {every=}, {fps=}")
+            raise ConfigError(f"VideoRecorder: every and fps must be >= 1, got {every=}, {fps=}")
         self.in_key = in_key
         self.path = None if path is None else Path(path)
         self.fps = fps
