@@ -12,7 +12,7 @@
      ├── ConfigError              a configuration value or ``--set`` override is wrong (also a ``ValueError``)
      │    ├── PipelineFileError   a pipeline file failed to import, or its ``build()`` raised or returned no Pipeline
      │    ├── RunDirError         the run directory is another run's (locked), or a fresh start would overwrite it
-     │    └── CheckpointError     a checkpoint is refused (it pickles code), damaged, of another format, or unsaved
+     │    └── CheckpointError     a checkpoint is refused (it pickles code), damaged or of another format
      ├── NonFiniteError           a loss, a gradient or a checkpointed tensor went NaN or infinite
      ├── StageFailed              a stage raised while the pipeline ran; ``.stage`` names it
      ├── WorkerDied               a worker process ended without saying why: its group, pid and signal
@@ -83,8 +83,8 @@ class RunDirError(ConfigError):
 
 class CheckpointError(ConfigError):
     """A checkpoint cannot be used: it holds a pickled object that loading would execute (refused, never run), it
-    is damaged and no older one loads, it is not a streamrl checkpoint, or saving it failed. The message names the
-    file; the CLI exits with 2 when it cannot resume."""
+    is damaged and no older one loads, or it is not a streamrl checkpoint; or a ``state_dict`` returned something
+    a checkpoint cannot hold (not saved). The message names the file or the entry; the CLI exits with 2."""
 
 
 class NonFiniteError(StreamRLError):

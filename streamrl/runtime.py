@@ -52,7 +52,7 @@ import numpy as np
 import structlog
 import torch
 
-from streamrl.errors import BrokenStreamError, DiskFull, StageFailed, WorkerDied
+from streamrl.errors import BrokenStreamError, DiskFull, StageFailed, StreamError, WorkerDied
 from streamrl.events import EventBus, Hook
 from streamrl.pipeline import MAIN, Pipeline
 from streamrl.rundir import resume_advice
@@ -203,6 +203,12 @@ async def _run_stage(stage: Stage, ctx: StageContext) -> None:
         ctx.close_ports()
 
 
+def _saw_its_stream_end(exc: BaseException) -> bool:
+    """A stage that failed only because a stream ended under it (a neighbour failed or was cancelled and closed its
+    ports): an echo of the failure to report, never the cause."""
+    return isinstance(exc, StageFailed) and isinstance(exc.error, StreamError)
+
+
 def _first_failure(exc: BaseException) -> BaseException:
     """Pick the error to report from a (nested) exception group: a dead worker process (the root cause of whatever
     its death made other stages raise), else a StageFailed, else the first that is not a cancellation."""
@@ -216,7 +222,7 @@ def _first_failure(exc: BaseException) -> BaseException:
             else:
                 leaves.append(e)
         for kind in (WorkerDied, StageFailed):
-            for leaf in leaves:
+            for leaf in sorted(leaves, key=_saw_its_stream_end):  # stable: the root cause before its echoes
                 if isinstance(leaf, kind):
                     return leaf
         for leaf in leaves:

@@ -117,6 +117,11 @@ def test_every_pipeline_checkpoints_what_weights_only_loads_and_restores_exactly
     for hook_name, saved in checkpoint["hooks"].items():
         assert_same(saved, hooks[hook_name].state_dict(), f"hooks/{hook_name}")
 
+    resumed = runtime.run(fresh, tmp_path, seed=0, device="cpu", handle_signals=False, resume=checkpoint)
+    assert resumed.exit_reason == "completed"  # the budget was spent: it starts, restores, saves and ends
+    again = load_checkpoint(tmp_path)
+    assert again["frames"] >= checkpoint["frames"] and (tmp_path / "checkpoint.prev.pt").exists()
+
 
 def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
     np.random.seed(7)
@@ -209,6 +214,25 @@ def test_saves_rotate_two_checkpoints_and_a_truncated_newest_falls_back_to_the_p
     pipeline, _, _, held = toy(tmp_path / "resumed")
     restore(pipeline, checkpoint)  # the resume goes on from the previous checkpoint
     assert torch.equal(held.weights, torch.zeros(3))
+
+
+def test_the_cli_resumes_from_the_previous_checkpoint_when_the_newest_is_truncated(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(streamrl.cli, "warm_up", lambda: None)  # everything in-process: no fork server
+    out = tmp_path / "run"
+    tiny = [arg for item in [*TINY["dqn_cartpole"], "placement=in_process", "checkpoint_every=64"]
+            for arg in ("--set", item)]
+    with pytest.raises(SystemExit) as exited:
+        streamrl.cli.main(["run", DQN, "--out", str(out), *tiny])
+    assert exited.value.code == 0 and (out / "checkpoint.prev.pt").exists()
+    previous = load_checkpoint(out, "checkpoint.prev.pt")["frames"]
+    (out / "checkpoint.pt").write_bytes((out / "checkpoint.pt").read_bytes()[:1000])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        streamrl.cli.main(["run", DQN, "--resume", str(out)])
+    err = capsys.readouterr().err
+    assert exited.value.code == 0, err
+    assert f"resuming {out} at frame {previous}" in err
+    assert "warning: resuming from checkpoint.prev.pt, the previous checkpoint: checkpoint.pt is damaged" in err
 
 
 def test_a_corrupt_newest_checkpoint_falls_back_and_none_loading_is_an_error(tmp_path):
@@ -377,12 +401,15 @@ def batches(n: int, poison_at: int, key: str | None) -> list[TensorDict]:
     return out
 
 
-def run_until_non_finite(tmp_path: Path, loss: ToyLoss, poison_at: int, key: str | None) -> tuple[str, Any]:
+def run_until_non_finite(tmp_path: Path, loss: ToyLoss, poison_at: int, key: str | None,
+                         losses_seen: list[bool] | None = None) -> tuple[str, Any]:
     learner = LearnerStage("learner", loss, torch.optim.Adam(loss.parameters(), lr=1e-2), device="cpu")
     source = Batches(batches(poison_at + 1, poison_at, key), checkpoint_after=2)  # the poisoned batch comes last
     pipeline = Pipeline("toy").add(source, learner)
     pipeline.connect("batches.batches", "learner.batches", capacity=1)
     pipeline.add_hook(Checkpoint(every_frames=30))  # one periodic save, at batch 2 (30 frames; the next at 60)
+    if losses_seen is not None:  # a post_loss hook (PriorityUpdate's place): the learner checks the loss first
+        pipeline.on("loss", lambda event: losses_seen.append(bool(torch.isfinite(event.data["loss"]["loss"]))))
     with pytest.raises(StageFailed) as caught:
         runtime.run(pipeline, tmp_path, seed=0, handle_signals=False)
     assert caught.value.stage == "learner" and isinstance(caught.value.error, NonFiniteError)
@@ -392,7 +419,10 @@ def run_until_non_finite(tmp_path: Path, loss: ToyLoss, poison_at: int, key: str
 
 
 def test_a_nan_loss_stops_the_run_naming_learner_step_term_and_key_and_the_good_checkpoint_stays(tmp_path):
-    message, checkpoint = run_until_non_finite(tmp_path, ToyLoss(), poison_at=4, key="observation")
+    losses_seen: list[bool] = []
+    message, checkpoint = run_until_non_finite(tmp_path, ToyLoss(), poison_at=4, key="observation",
+                                               losses_seen=losses_seen)
+    assert losses_seen == [True] * 4  # the loss hook never saw the NaN loss
     assert "learner 'learner', optimizer step 5" in message
     assert "loss term 'loss_value' is nan (found by the loss check)" in message
     assert "first non-finite batch entry is 'observation'" in message

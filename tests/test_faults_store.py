@@ -478,6 +478,7 @@ def test_enospc_while_flushing_stops_the_writer_with_one_error_naming_the_store(
         if "/c/" in str(path):
             writes.append(path)
             if len(writes) > 10:
+                path.parent.mkdir(parents=True, exist_ok=True)
                 with local._atomic_write(path, "wb") as f:
                     f.write(value.as_buffer_like()[:10])
                     raise OSError(errno.ENOSPC, "No space left on device")
@@ -514,9 +515,9 @@ def tiny_tmpfs(tmp_path):
 
 def test_a_store_on_a_full_tmpfs_raises_disk_full_and_keeps_every_committed_row(tiny_tmpfs):
     path = tiny_tmpfs / "replay.zarr"
-    store = ZarrStorage(100_000, path=path, block_rows=64)
+    store = ZarrStorage(4_000, path=path, block_rows=64)
     with pytest.raises(StoreDiskFull, match=f"disk full writing {path}: .* rows not committed") as full:
-        for start in range(0, 100_000, 50):
+        for start in range(0, 4_000, 50):
             store.extend(numbered(start, 50, width=256))  # about 1 KiB a row: 2 MiB fill in ~2,000 rows
             store.flush(partial=True)
     committed = store.committed_rows

@@ -226,11 +226,11 @@ def _install(tmp: Path, path: Path) -> None:
 
 
 def _write_failures(path: Path, write: Any) -> None:
-    """Run ``write``; an ``OSError`` becomes an error naming the checkpoint (:class:`DiskFull` for ``ENOSPC``)."""
+    """Run ``write``; a full disk becomes :class:`DiskFull` naming the checkpoint (other ``OSError``s name their
+    file already)."""
     try:
         write()
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             raise DiskFull(path, "free space; no checkpoint was saved and the previous ones are kept") from exc
-        raise CheckpointError(f"could not save the checkpoint {str(path)!r}: {exc}; the previous ones are kept") \
-            from exc
+        raise

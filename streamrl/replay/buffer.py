@@ -13,8 +13,8 @@
 In a pipeline, a writer stage and a sampler stage share one buffer; its limiter paces them.
 
 Resuming: ``load_state_dict`` restores the limiter's counters, the sampler and the storage. A zarr store's path is
-recorded relative to the run directory, so with a :class:`ZarrStorage` the whole state is loaded when the writer
-stage calls ``attach(run_dir)`` (until then ``state_dict`` returns the state as loaded). If the store holds fewer
+recorded relative to the run directory it lies in, so such a state is loaded when the writer stage calls
+``attach(run_dir)`` (until then ``state_dict`` returns the state as given). If the store holds fewer
 rows than the state counts (a damaged store that was repaired, a checkpoint of an older streamrl that counted
 rows before they were committed), the buffer follows the store: the limiter forgets the inserts of the rows
 that are gone (and, in ratio mode, the samples they paid for), the sampler forgets them, and a warning says how
@@ -109,8 +109,11 @@ class ReplayBuffer:
         return len(self.storage)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; with a zarr store not attached yet, at :meth:`attach`."""
-        if isinstance(self.storage, ZarrStorage) and self.storage.run_dir is None:
+        """Restore :meth:`state_dict`; with a zarr store at a path relative to a run directory not attached yet, at
+        :meth:`attach`."""
+        path = state["storage"].get("path")
+        if isinstance(self.storage, ZarrStorage) and self.storage.run_dir is None and not (
+                path is not None and Path(path).is_absolute()):
             self._restored = state
         else:
             self._load(state)

@@ -177,8 +177,6 @@ class ZarrStorage:
         if self.group is None:
             self._create(rows)
         first, n, done = self.total_written, rows.shape[0], 0
-        if n and self.pending_since is None:
-            self.pending_since = time.monotonic()
         while done < n:
             if self.pending_rows == self.capacity:
                 self.flush(partial=True)
@@ -190,6 +188,8 @@ class ZarrStorage:
                 self._append_tail(piece)
             self.total_written += take
             done += take
+            if self.pending_since is None:  # the clock of commit_due starts with the oldest pending row
+                self.pending_since = time.monotonic()
         return torch.arange(first, first + n) % self.capacity
 
     def _append_tail(self, rows: TensorDictBase) -> None:

@@ -93,8 +93,8 @@ class LearnerStage(Stage):
     async def run(self, ctx: StageContext) -> None:
         device = resolve_device(self.device)
         self.loss.to(device)
-        if self.optimizer.state and device.type != "cpu":  # restored on the CPU from a checkpoint:
-            self.optimizer.load_state_dict(self.optimizer.state_dict())  # loading casts it to the parameters' device
+        if self.optimizer.state:  # restored from a checkpoint before the move: loading it again casts it to the
+            self.optimizer.load_state_dict(self.optimizer.state_dict())  # parameters' device (a no-op on the CPU)
         weights_out = ctx.output("weights") if ctx.has_output("weights") else None
         self._params = [p for group in self.optimizer.param_groups for p in group["params"]]
         on_cuda = device.type == "cuda"
@@ -160,11 +160,11 @@ class LearnerStage(Stage):
                        None)
             check = "gradient check"
             if bad is not None:
-                what = f"the gradient of parameter {names.get(id(bad), '<not in the loss module>')!r} is non-finite " \
-                       "(the loss is finite)"
+                name = names.get(id(bad), "<not in the loss module>")
+                what = f"the gradient of parameter {name!r} is non-finite (the loss is finite)"
             else:
-                what = f"the gradient norm is {float(grad_norm) if grad_norm is not None else 'unknown'} although " \
-                       "every gradient entry is finite (their norm overflowed)"
+                what = (f"the gradient norm is {float(grad_norm) if grad_norm is not None else 'unknown'} although "
+                        "every gradient entry is finite (their norm overflowed)")
         entries = batch.items(include_nested=True, leaves_only=True) if hasattr(batch, "items") else []
         key = next(("/".join(k) if isinstance(k, tuple) else k for k, value in entries
                     if isinstance(value, torch.Tensor) and value.is_floating_point()
