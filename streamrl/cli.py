@@ -173,8 +173,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _resume_record(run_dir: Path, config_cls: type, overrides: list[str],
                    started: dict[str, Any]) -> tuple[Any, dict[str, Any], dict[str, Any] | None]:
     """The config, the updated config.json record and the checkpoint (None: killed before its first one)."""
-    record = json.loads((run_dir / "config.json").read_text())
-    cfg = apply_overrides(config_from_record(config_cls, record["config"]), overrides)
+    try:
+        record = json.loads((run_dir / "config.json").read_text())
+        values = record["config"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RunDirError(f"cannot resume {str(run_dir)!r}: its config.json is damaged ({type(exc).__name__}: "
+                          f"{exc}); restore it from a copy, or start a new run with --out") from None
+    cfg = apply_overrides(config_from_record(config_cls, values), overrides)
     validate_config(cfg)
     record["config"] = dataclasses.asdict(cfg)
     if not has_checkpoint(run_dir):

@@ -16,12 +16,25 @@ The stages do not change. Each edge that crosses the process boundary becomes a 
   worker group see them locally first.
 
 Workers are forked from a fork server that imported streamrl once (``warm_up`` starts it early), so a worker
-starts in a fraction of a second instead of re-importing torch. The main event loop never blocks on the worker:
-it awaits socket reads. A worker whose stage raises reports the
-error (stage name, traceback) and the main run raises :class:`StageFailed` naming that stage; a worker that dies
-(SIGKILL, segfault) closes its socket and the main run raises :class:`WorkerDied`. A worker ignores SIGINT (the
-main process decides how to stop) and exits when the main process disappears. The same seam — items and acks
-over a message channel — is where a Ray actor placement would plug in.
+starts in a fraction of a second instead of re-importing torch; the server imports streamrl from where the main
+process did, whatever the current folder holds (:mod:`streamrl.forkserver`). The main event loop never blocks on
+the worker: it awaits socket reads.
+
+How a worker's failures surface (nothing hangs, no process is left behind):
+
+* a stage (or hook) of the worker raises: the worker reports the error (stage name, traceback) and the main run
+  raises :class:`StageFailed` naming that stage;
+* the worker cannot rebuild its group (the pipeline module fails to import there, a stage class is missing): it
+  reports that error, e.g. the ``ImportError``, as the failure of stage ``group <name>``;
+* the worker dies (SIGKILL, the out-of-memory killer, a segfault): its socket closes, the main process reaps it to
+  learn how it ended, and the run raises :class:`WorkerDied` naming the group, the pid and the signal. Writes that
+  race the death (an ack, a weights item sent into the closed socket) are not errors of their own
+  (:class:`_PeerGone`): the death is the run's error, whatever else it made fail.
+
+A worker ignores SIGINT (the main process decides how to stop and tells it) and exits when the main process
+disappears; a worker still closing when the run ends is killed after ``WorkerGroup.exit_timeout`` seconds, or,
+after a second Ctrl-C, when the second that the closes share is up. The same seam — items and acks over a
+message channel — is where a Ray actor placement would plug in.
 """
 
 from __future__ import annotations

@@ -175,19 +175,21 @@ if "streamrl/FailingCartPole-v0" not in gym.registry:  # make it as "streamrl.te
 
 
 class HangingCartPole(gym.Wrapper):  # type: ignore[type-arg]
-    """CartPole whose ``hang_at``-th step (0: its first reset) never returns, for step-timeout tests.
+    """CartPole whose ``hang_at``-th step (0: its first reset) does not return, for step-timeout tests.
 
-    It blocks in one call (``threading.Event.wait``) until :attr:`release` is set, like an env waiting on a
-    simulator that went away; a test sets it to free a thread that was left behind. ``stamp`` names a file that
-    receives ``time.time()`` when it starts hanging, so a test can time what follows.
+    It blocks in one call (``threading.Event.wait``) for ``hang_s`` seconds (None: for good) or until
+    :attr:`release` is set, like an env waiting on a simulator that went away; a test sets it to free a thread
+    that was left behind. ``stamp`` names a file that receives ``time.time()`` when it starts hanging.
     """
 
     release = threading.Event()
 
-    def __init__(self, hang_at: int = 1, stamp: str | None = None, **kwargs: Any) -> None:
+    def __init__(self, hang_at: int = 1, stamp: str | None = None, hang_s: float | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(gym.make("CartPole-v1", **kwargs))
         self.hang_at = hang_at
         self.stamp = stamp
+        self.hang_s = hang_s
         self.steps = 0
 
     def reset(self, **kwargs: Any) -> Any:
@@ -205,7 +207,7 @@ class HangingCartPole(gym.Wrapper):  # type: ignore[type-arg]
         if self.stamp:
             with open(self.stamp, "w") as f:
                 f.write(repr(time.time()))
-        self.release.wait()
+        self.release.wait(self.hang_s)
 
 
 if "streamrl/HangingCartPole-v0" not in gym.registry:  # make it as "streamrl.testing:streamrl/HangingCartPole-v0"

@@ -208,6 +208,9 @@ def test_resume_refusals_and_a_run_directory_held_in_this_process(tmp_path, caps
     assert "has no config.json" in capsys.readouterr().err
     assert cli("run", DQN, "--resume", tmp_path) == 2
     assert "has no config.json" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text("{not json")
+    assert cli("run", DQN, "--resume", tmp_path) == 2
+    assert "its config.json is damaged (JSONDecodeError" in capsys.readouterr().err
     assert cli("run", DQN, "--resume", tmp_path, "--out", tmp_path / "y") == 2
     assert "drop --out" in capsys.readouterr().err
     assert cli("run", DQN, "--resume", tmp_path, "--overwrite") == 2
@@ -316,11 +319,20 @@ def test_constructors_raise_config_error_a_value_error_for_bad_arguments():
            lambda: EnvStage("env", env, frames_per_chunk=8, total_frames=0),
            lambda: EnvStage("env", env, frames_per_chunk=0), lambda: EGreedyModule(2, eps_init=2.0),
            lambda: SoftUpdate(None, tau=0.0), lambda: HardUpdate(None, every=0), lambda: MultiStep(0.99, n=0),
-           lambda: PrioritizedSampler(alpha=-1.0), lambda: open_stream(-1)]
+           lambda: PrioritizedSampler(alpha=-1.0), lambda: open_stream(-1), lambda: infinite_lr_learner()]
     for make in bad:
         with pytest.raises(ConfigError):
             make()
     env.close()
+
+
+def infinite_lr_learner():
+    import torch
+
+    from streamrl import LearnerStage
+
+    net = torch.nn.Linear(2, 1)
+    return LearnerStage("learner", net, torch.optim.SGD(net.parameters(), lr=float("inf")))
 
 
 def test_a_cycle_that_nothing_starts_fails_validation_naming_its_stages():

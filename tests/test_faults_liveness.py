@@ -1,9 +1,11 @@
 """Liveness under faults: a hung env step, a killed worker, a second Ctrl-C with slow hooks, and workers started
 from a folder that holds a ``streamrl/`` directory. Each test injects the fault and times how the run ends."""
 
+import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -52,8 +54,9 @@ def collector(p, env, *, step_timeout=1.0, frames_per_chunk=16, total_frames=Non
 
 
 def run_hanging(tmp_path, env, **kwargs):
+    """Run ``env`` (hanging for 20 s: without a step timeout the run completes its 200 frames and this fails)."""
     p = Pipeline("hang")
-    collector(p, env, **kwargs)
+    collector(p, env, total_frames=200, **kwargs)
     p.add(CountFrames("sink"))
     p.connect("env.chunks", "sink.chunks")
     start = time.perf_counter()
@@ -66,7 +69,7 @@ def run_hanging(tmp_path, env, **kwargs):
 # -- 1. step timeouts -----------------------------------------------------------------------------------------
 def test_a_step_that_hangs_on_the_event_loop_thread_is_interrupted_at_its_timeout(tmp_path):
     """The fast path steps in-process envs on the event loop's thread: the watchdog interrupts the hung call."""
-    error, elapsed = run_hanging(tmp_path, GymEnv(HANG, num_envs=2, backend="sync", hang_at=20))
+    error, elapsed = run_hanging(tmp_path, GymEnv(HANG, num_envs=2, backend="sync", hang_at=20, hang_s=20))
     assert error.call == "step" and error.frames == 2 * 16 + 3 * 2  # 20th step: two chunks done, 4th step of the 3rd
     assert str(error).startswith(f"env {HANG!r} (stage 'env'): step did not return within "
                                  f"step_timeout=1 s, at frame {error.frames}; the call was interrupted")
@@ -77,7 +80,7 @@ def test_a_step_that_hangs_on_the_event_loop_thread_is_interrupted_at_its_timeou
 def test_a_step_that_hangs_in_a_thread_ends_the_run_and_leaves_only_a_daemon_thread(tmp_path):
     """The TensorDict path steps in a thread, which cannot be killed: the run still ends, the thread is a daemon
     (it does not keep the process alive at exit) and the env is not closed under the stuck call."""
-    env = TransformedEnv(GymEnv(HANG, num_envs=2, backend="sync", hang_at=5), StepCounter())
+    env = TransformedEnv(GymEnv(HANG, num_envs=2, backend="sync", hang_at=5, hang_s=20), StepCounter())
     error, elapsed = run_hanging(tmp_path, env)
     assert error.call == "step" and error.frames == 8
     assert "runs in a thread of this process, which cannot be stopped" in str(error)
@@ -88,7 +91,7 @@ def test_a_step_that_hangs_in_a_thread_ends_the_run_and_leaves_only_a_daemon_thr
 
 @pytest.mark.parametrize(("path", "hang_at", "call"), [("arrays", 6, "step"), ("tensordict", 0, "reset")])
 def test_a_subprocess_worker_that_hangs_is_named_and_killed(tmp_path, path, hang_at, call):
-    env = GymEnv(HANG, num_envs=1, backend="subprocess", hang_at=hang_at)
+    env = GymEnv(HANG, num_envs=1, backend="subprocess", hang_at=hang_at, hang_s=20)
     if path == "tensordict":
         env = TransformedEnv(env, StepCounter())
     error, elapsed = run_hanging(tmp_path, env, frames_per_chunk=4)
@@ -139,35 +142,36 @@ def test_streamrl_run_exits_with_code_1_soon_after_a_step_hangs(tmp_path):
 
 # -- 2. a killed worker process -------------------------------------------------------------------------------
 class KillAndPublish(Stage):
-    """Receives chunks and answers each with new weights; at chunk ``kill_at`` it kills the collector worker
-    (SIGKILL), waits until it is dead, then goes on acking chunks and sending weights into the dead socket."""
+    """Receives chunks and answers each with new weights. At chunk ``kill_at`` it stops taking chunks until the
+    bridge holds several that are not acked yet, kills the collector worker (SIGKILL), waits until it is dead,
+    then goes on: the main process acks those chunks and sends weights into the dead socket."""
 
     inputs = ("chunks",)
     outputs = ("weights",)
 
-    def __init__(self, name, module, kill_at, pids, wait_for_death=True):
+    def __init__(self, name, module, kill_at, pids):
         super().__init__(name)
         self.module = module
         self.kill_at = kill_at
         self.pids = pids
-        self.wait_for_death = wait_for_death
 
     async def run(self, ctx):
         version = 0
         async for _ in ctx.input("chunks"):
             version += 1
             if version == self.kill_at:
+                await anyio.sleep(0.3)  # the local stream fills up; more chunks wait in the bridge, not acked
                 os.kill(self.pids[0], signal.SIGKILL)
-                while self.wait_for_death and alive(self.pids[0]):
+                while alive(self.pids[0]):
                     await anyio.sleep(0.001)
             await ctx.output("weights").send(weights_message(self.module, version))
 
 
 @pytest.mark.parametrize("kill_at", [0, 1, 2, 3, 5])
 def test_a_worker_killed_at_any_point_surfaces_as_worker_died_with_its_group_pid_and_signal(tmp_path, kill_at):
-    """Killed as it starts (0), at its first chunks (whose shared memory is then mapped after its death), or
-    later, with main still acking chunks and sending weights (shared-memory slots, then items) to the dead
-    process: every time the run raises WorkerDied naming the group, the pid and SIGKILL, within seconds."""
+    """Killed as it starts (0), or later with chunks in flight that the main process then acks, and weights that
+    it then sends (shared-memory slots first, at 1), into the dead socket: every time the run raises WorkerDied
+    naming the group, the pid and SIGKILL, within seconds (not a RuntimeError about a closed transport)."""
     p = Pipeline("killed")
     collector(p, GymEnv("CartPole-v1", num_envs=2), step_timeout=None, frames_per_chunk=8)
     pids = []
@@ -187,6 +191,30 @@ def test_a_worker_killed_at_any_point_surfaces_as_worker_died_with_its_group_pid
                                       "SIGKILL (exit code -9)")
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["exit_reason"] == "failed" and summary["error"].startswith("WorkerDied")
+
+
+def test_every_write_to_a_dead_peer_comes_out_as_peer_gone():
+    """The race behind "RuntimeError: unable to perform operation on <UnixTransport closed=True>": after the worker
+    died, the first write fails in drain (ConnectionResetError) and closes the transport; uvloop then raises
+    RuntimeError on every later write (an ack, a weights item). All of them must read as "the peer is gone"."""
+    from streamrl.placement import _Channel, _PeerGone
+    from streamrl.runtime import loop_options
+
+    async def main():
+        ours, theirs = socket.socketpair()
+        reader, writer = await asyncio.open_connection(sock=ours)
+        channel = _Channel(reader, writer)
+        theirs.close()  # the worker died
+        for _ in range(3):
+            with pytest.raises(_PeerGone):
+                await channel.send(("ack", "env.chunks", 0))
+        with pytest.raises(_PeerGone):
+            channel.write(("cancel",))
+        with pytest.raises(_PeerGone):
+            await channel.receive()
+        channel.close()
+
+    anyio.run(main, backend="asyncio", backend_options=loop_options())
 
 
 def test_a_worker_that_cannot_import_the_pipeline_module_says_so(tmp_path):

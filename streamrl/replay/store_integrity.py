@@ -61,7 +61,7 @@ def newest_block_rows(rows: int, size: int, block_rows: int) -> tuple[int, int]:
 
 def crc32_of(data: np.ndarray, previous: int = 0) -> int:
     """The checksum of rows as they lie in a chunk file (C order); ``previous`` continues an earlier one."""
-    return zlib.crc32(np.ascontiguousarray(data), previous)
+    return zlib.crc32(np.ascontiguousarray(data).reshape(-1).view(np.uint8).data, previous)
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,8 @@ def check_structure(path: str | Path) -> Structure:
     found = Structure()
     try:
         group = zarr.open_group(str(path), mode="r")
-        found.attrs = attrs = dict(group.attrs)
+        attrs: dict[str, Any] = dict(group.attrs)
+        found.attrs = attrs
     except Exception as exc:  # noqa: BLE001 - any way the metadata fails to parse is the same problem
         return found.fatal(Problem("zarr.json", f"the group metadata does not read ({type(exc).__name__}: {exc}); "
                                                 "the store's zarr.json is damaged"))
@@ -187,7 +188,8 @@ def array_layouts(group: Any, keys: list[str], disk: int, block: int, found: Str
             found.fatal(Problem(key, f"expected shape ({disk}, ...) in chunks of ({block}, ...), got "
                                      f"shape={array.shape}, chunks={array.chunks}"))
             continue
-        codecs = [codec["name"] for codec in array.metadata.to_dict().get("codecs", ())]
+        metadata: dict[str, Any] = array.metadata.to_dict()
+        codecs = [codec["name"] for codec in metadata.get("codecs", ())]
         if codecs != ["bytes"]:
             found.fatal(Problem(key, f"expected uncompressed chunks (codecs ['bytes']), got {codecs}"))
             continue
@@ -241,7 +243,7 @@ def _check_newest_block(path: Path, layout: Layout, committed: dict[str, Any], r
     if size == 0 or found.first_damaged is not None:
         return  # nothing committed, or damaged at or before the newest block already
     first, end = newest_block_rows(rows, size, block)
-    recorded = committed.get("crc32") if isinstance(committed.get("crc32"), dict) else {}
+    recorded: dict[str, Any] = committed["crc32"] if isinstance(committed.get("crc32"), dict) else {}
     found.crc32 = newest_block_crc32(path, layout, rows, size, disk, block)
     for key in layout:
         if key in recorded and recorded[key] != found.crc32[key]:

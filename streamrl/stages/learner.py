@@ -32,6 +32,7 @@ at the end of the run, so the last good checkpoint stays.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import anyio
@@ -76,6 +77,10 @@ class LearnerStage(Stage):
         if (epochs is None) != (minibatch_size is None) or too_small:
             raise ConfigError(f"LearnerStage {name!r}: on-policy mode takes both epochs >= 1 and minibatch_size >= 1, "
                               f"got epochs={epochs}, minibatch_size={minibatch_size}")
+        for i, group in enumerate(optimizer.param_groups):
+            if "lr" in group and not math.isfinite(float(group["lr"])):
+                raise ConfigError(f"LearnerStage {name!r}: the optimizer's learning rate (param group {i}) is "
+                                  f"{float(group['lr'])}; give it a finite lr > 0, e.g. 3e-4")
         self.epochs = epochs
         self.minibatch_size = minibatch_size
         self.scheduler = scheduler
