@@ -10,7 +10,9 @@ wants and one of two delivery modes:
   publisher never waits; when the hook falls behind, the oldest events are dropped and counted
   (``Subscription.dropped``). Use it for logging, progress bars and evaluation. Lossy hooks get the event
   without its tensor payloads (batches, chunks; one-element tensors become numbers), so a lagging hook never
-  holds gigabytes of pixels: anything that needs the tensors is lockstep.
+  holds gigabytes of pixels: anything that needs the tensors is lockstep. When the run ends, lossy hooks get the
+  events they buffered, unless a second Ctrl-C hurries it (:meth:`EventBus.drain_lossy`): those are then dropped
+  and counted too.
 
 A hook is any object with ``name``, ``events`` (kinds, or ``("*",)`` for all), ``mode`` and ``on_event(event)``
 (sync or async); optional ``start(run)`` and ``close(run)`` open and flush its resources::

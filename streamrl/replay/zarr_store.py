@@ -101,7 +101,7 @@ class ZarrStorage:
         self.layout: dict[str, tuple[tuple[int, ...], np.dtype]] = {}  # key path -> (row shape, dtype)
         self.committed_rows = 0
         self.total_written = 0
-        self.first_row = 0  # the oldest row held, once the ring has not wrapped past it (> 0 after a repair)
+        self.first_row = 0  # no row before it is held: > 0 only after a repair dropped rows (len counts from it)
         self.pending_since: float | None = None  # time.monotonic() when the oldest pending row came
         self.crc32: dict[str, int] = {}  # per key: the committed rows of the newest block (the commit records it)
         self.write_error: StoreError | None = None  # the last flush failed (disk full): close does not retry

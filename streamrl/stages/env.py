@@ -135,7 +135,8 @@ class EnvStage(Stage):
         env = self.env
         assert isinstance(env, GymEnv)
         builder: ChunkBuilder | None = None
-        with LoopDeadline(self.step_timeout) as deadline:
+        # subprocess workers are waited for with a timeout of their own: nothing to interrupt on this thread
+        with LoopDeadline(None if env.is_subprocess else self.step_timeout) as deadline:
             try:
                 deadline.started = time.monotonic()
                 observation = env.reset_arrays(seed=seed)
@@ -193,8 +194,9 @@ class EnvStage(Stage):
                     deadline.started = monotonic()
                     result = vector_env.step(action)
                     deadline.started = 0.0
-                    if deadline.expired:  # it returned late, not interrupted (an event loop off the main thread)
-                        raise CallInterrupted()
+                    if deadline.expired:  # it returned late: an event loop off the main thread cannot interrupt it
+                        raise self._timed_out("step", self._frame(builder.t), "it returned late (an event loop off "
+                                              "the main thread cannot interrupt a call)")
                 add(action, *result)
             await self._send_chunk(ctx, chunks, builder)
 

@@ -67,7 +67,7 @@ class WriterStage(Stage):
                             if due or storage.pending_rows >= storage.block_rows:
                                 await _flush(storage, partial=due)
                         limiter.inserted(n)
-                    self.rows += n
+                        self.rows += n
                     if ctx.wants("stored"):
                         await ctx.publish("stored", rows=self.rows, size=len(buffer))
                 tasks.cancel_scope.cancel()
