@@ -25,7 +25,7 @@ kept, with the JSON in ``DIR/bench_replay.json``).
   whole before timing, so its chunk files are in the page cache and mapped (warm, as in a long run).
 * **extend**: chunks of 1024 rows (vector) or 256 rows (frames) into a full ring (steady state: overwriting).
   A zarr store is flushed after every extend, as the writer stage does (``flush`` writes whole blocks, each
-  followed by a commit, and the partial block once its rows waited ``commit_every_s``, 1 s), with
+  followed by a commit, and the partial block once its rows waited ``commit_every_s``, 0.5 s), with
   ``fsync=False`` and with ``fsync=True`` ("durable": every block synced to the device before its commit); zarr
   extends are timed on a fraction of the ring (the row counts are printed).
 

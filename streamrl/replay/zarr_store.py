@@ -25,11 +25,11 @@ checksum of the committed rows of the newest block, per key. Any zarr reader ope
 Commit protocol. A flush writes the pending rows block by block, all keys of a block at once, and after each
 block's data (and its fsync, if asked) writes ``committed``: zarr writes every file through a temporary file and
 a rename, so a chunk file or the commit record is either the old one or the new one, never torn. A commit may
-cover a *partial* block: the writer stage commits pending rows at least every ``commit_every_s`` (default 1 s) and
-whole blocks as they fill, so ``kill -9`` loses at most the rows of the last second or the last chunk, however
-large ``block_rows`` is. The next flush rewrites that block's chunk files with the committed rows unchanged and
-more rows after them; a writer killed mid-rewrite leaves, per file, the old or the new version, and both hold the
-committed rows. Why not one commit per flush: a writer killed mid-flush leaves the blocks it was writing half
+cover a *partial* block: the writer stage commits pending rows at least every ``commit_every_s`` (default 0.5 s:
+half a second of margin for the commit itself) and whole blocks as they fill, so ``kill -9`` loses at most the rows
+of the last second or the last chunk, however large ``block_rows`` is. The next flush rewrites that block's chunk
+files with the committed rows unchanged and more rows after them; a writer killed mid-rewrite leaves, per file, the
+old or the new version, and both hold the committed rows. Why not one commit per flush: a writer killed mid-flush leaves the blocks it was writing half
 old, half new across keys; one block of slack bounds that damage to rows nobody trusts.
 
 Integrity. ``ZarrStorage.open(path)`` (writable, what a resume uses) first runs the structural checks of
@@ -77,7 +77,7 @@ class ZarrStorage:
     """
 
     def __init__(self, capacity: int, *, path: str | Path | None = None, block_rows: int = 4096,
-                 fsync: bool = False, in_ram: bool = True, commit_every_s: float = 1.0) -> None:
+                 fsync: bool = False, in_ram: bool = True, commit_every_s: float = 0.5) -> None:
         if capacity < 1 or block_rows < 1:
             raise ConfigError(f"ZarrStorage needs capacity >= 1 and block_rows >= 1, got {capacity}, {block_rows}")
         if not commit_every_s > 0:

@@ -15,7 +15,7 @@ limiter (``RateLimiter.check_capacity``). When the writer's input ends, the samp
 allows and ends too, which ends the learner.
 
 A zarr store is flushed in a worker thread, so disk I/O never blocks the event loop: whole blocks as they fill,
-and pending rows once the oldest of them waited ``ZarrStorage.commit_every_s`` (default 1 s; a background task
+and pending rows once the oldest of them waited ``ZarrStorage.commit_every_s`` (default 0.5 s; a background task
 commits them while the writer waits for chunks or for the limiter). So ``kill -9`` loses at most the rows of the
 last second or the last chunk. The store is flushed and committed in ``close`` on every exit path. A checkpoint
 enters :meth:`WriterStage.held_for_checkpoint`: every pending row is committed first and no row is inserted until
