@@ -154,7 +154,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"streamrl: running {path} -> {run_dir}", file=sys.stderr)
         try:
             result = runtime.run(pipeline, run_dir, seed=cfg.seed, device=cfg.device,
-                                 preload=[(module_name, str(path.resolve()))], resume=checkpoint)
+                                 preload=[(module_name, str(path.resolve()))], resume=checkpoint,
+                                 exit_after_second_signal=runtime.EXIT_AFTER_SECOND_SIGNAL_S)
         except StreamRLError as exc:
             _report(exc, args.debug)
             if (run_dir / "summary.json").exists():
@@ -406,7 +407,25 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def shadowing_folder() -> str | None:
+    """The folder that hides the streamrl package, if ``streamrl`` was imported as a bare folder instead.
+
+    ``python -m streamrl.cli`` puts the current folder first on ``sys.path``; with an editable install, a folder
+    named ``streamrl`` there (a clone's parent holds one) becomes a namespace package that hides the real one,
+    and ``from streamrl import MLP`` fails with "unknown location". The ``streamrl`` command is not affected.
+    """
+    package = sys.modules.get("streamrl")
+    if package is None or getattr(package, "__file__", None) is not None:
+        return None
+    return ", ".join(getattr(package, "__path__", [])) or "?"
+
+
 def main(argv: list[str] | None = None) -> None:
+    if folder := shadowing_folder():
+        print(f"streamrl: error: the folder {folder} hides the streamrl package (python -m puts the current folder "
+              "first on the import path); run the `streamrl` command instead, or run python -m from another folder",
+              file=sys.stderr)
+        sys.exit(2)
     parser = make_parser()
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False)

@@ -18,7 +18,11 @@ What happens:
      next chunk, the pipeline drains for up to ``drain_timeout`` seconds, then what is left is cancelled;
    * a second SIGINT/SIGTERM ends the run now, however slow its hooks: the stages and the lossy hooks'
      deliveries are cancelled (their buffered events are dropped and counted), and the closes still to run share
-     ``HURRY_S`` (one second); a worker process that has not exited by then is killed.
+     ``HURRY_S`` (one second); a worker process that has not exited by then is killed. With
+     ``exit_after_second_signal`` (what ``streamrl run`` passes), the process also exits by then whatever holds it:
+     a hook whose synchronous code blocks the event loop keeps the loop from even noticing the signal, so a
+     signal handler that runs between bytecodes arms a timer that ends the process with ``os._exit`` (the store
+     keeps its committed rows, the previous checkpoint stays; see :class:`_SecondSignalBackstop`).
 
 4. On every exit path, shielded from cancellation: each stage's ``close`` (the replay store flushes; 60 s at
    most), each hook's ``close`` (metrics, checkpoint; 120 s at most), then ``summary.json`` with the run's
@@ -62,6 +66,7 @@ from streamrl.wiring import Wiring, wire
 
 log = structlog.get_logger("streamrl.runtime")
 HURRY_S = 1.0  # seconds the closes left get in all after a second Ctrl-C: the process exits well within 2 s
+EXIT_AFTER_SECOND_SIGNAL_S = 1.5  # streamrl run: the process is gone by then, whatever blocks the event loop
 
 
 def loop_options() -> dict[str, Any]:
@@ -153,6 +158,7 @@ class RunContext:
         self.closing: anyio.CancelScope | None = None  # the close in progress, which a second signal cuts short
         self.finalizing = False  # stages ended; closing the store, hooks and summary
         self.error: BaseException | None = None  # what the run fails with, set before the hooks close
+        self.summary_written = False
 
     def request_stop(self, reason: str) -> None:
         """Ask sources to stop; the pipeline then drains. Safe to call more than once."""
@@ -232,11 +238,57 @@ def _first_failure(exc: BaseException) -> BaseException:
     return exc
 
 
-async def _watch_signals(run: RunContext, received: list[int], *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+class _SecondSignalBackstop:
+    """Ends the process ``after_s`` seconds after a second SIGINT/SIGTERM, whatever blocks the event loop.
+
+    The event loop learns of a signal through its wakeup file descriptor, so a hook whose synchronous code blocks
+    the loop (a ``time.sleep``, a slow upload in ``on_event`` or ``close``) keeps the loop from handling a second
+    Ctrl-C until it returns. A Python-level signal handler runs in the main thread between bytecodes, blocked loop
+    or not: this one counts the signals (then calls the loop's own no-op handler) and at the second arms a daemon
+    timer that flushes stdout/stderr and calls ``os._exit(128 + first signal)``. When the run finishes first (its
+    summary written), the timer only cuts a slow interpreter teardown short. The store keeps every committed row
+    and the previous checkpoint stays, as after ``kill -9``. Only ``streamrl run`` installs it: a library caller's
+    process is never ended by streamrl.
+    """
+
+    def __init__(self, run: RunContext, after_s: float) -> None:
+        self.run = run
+        self.after_s = after_s
+        self.signals: list[int] = []
+        self.loop_handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        for sig in self.loop_handlers:
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.signals.append(signum)
+        if len(self.signals) == 2:
+            timer = threading.Timer(self.after_s, self._exit)
+            timer.daemon = True
+            timer.start()
+        handler = self.loop_handlers.get(signum)
+        if callable(handler):
+            handler(signum, frame)
+
+    def _exit(self) -> None:
+        if not self.run.summary_written:
+            print(f"streamrl: still not ended {self.after_s:g} s after the second signal (a hook or a stage blocks "
+                  "the event loop): exiting now; the store keeps its committed rows, resume from the last "
+                  "checkpoint", file=sys.stderr)
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(128 + self.signals[0])
+
+
+async def _watch_signals(run: RunContext, received: list[int], exit_after_second_signal: float | None = None, *,
+                         task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
     """SIGINT/SIGTERM: the first stops the run (drain), the second ends it now (:meth:`RunContext.hurry`). The
     receiver stays open until the summary is written, so a signal during the flush is noted instead of killing the
-    process mid-write."""
+    process mid-write. With ``exit_after_second_signal``, :class:`_SecondSignalBackstop` bounds the second signal's
+    wait even when the event loop is blocked."""
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        if exit_after_second_signal is not None:  # after the receiver: it wraps the loop's handlers
+            _SecondSignalBackstop(run, exit_after_second_signal)
         task_status.started()
         async for signum in signals:
             received.append(signum)
@@ -281,17 +333,21 @@ async def run_async(
     drain_timeout: float = 5.0,
     preload: list[tuple[str, str]] | None = None,
     resume: dict[str, Any] | None = None,
+    exit_after_second_signal: float | None = None,
 ) -> RunResult:
     """Run ``pipeline`` inside the current event loop; see the module docstring.
 
     ``resume``: a checkpoint (:func:`streamrl.resume.load_checkpoint`) already loaded into the pipeline's stages
     and hooks (:func:`streamrl.resume.restore`); the run continues its frame count and RNG streams.
+    ``exit_after_second_signal``: seconds after a second SIGINT/SIGTERM by which the *process* exits, whatever
+    blocks the event loop (``streamrl run`` passes :data:`EXIT_AFTER_SECOND_SIGNAL_S`; None: never end it).
     """
     pipeline.validate()
     handle_signals = handle_signals and threading.current_thread() is threading.main_thread()
     with torch.inference_mode(not any(s.needs_grad for s in pipeline.stages_in(MAIN))), calm_gc():
         return await _run_validated(pipeline, run_dir, seed=seed, device=device, handle_signals=handle_signals,
-                                    drain_timeout=drain_timeout, preload=preload, resume=resume)
+                                    drain_timeout=drain_timeout, preload=preload, resume=resume,
+                                    exit_after_second_signal=exit_after_second_signal)
 
 
 async def _run_validated(
@@ -304,6 +360,7 @@ async def _run_validated(
     drain_timeout: float,
     preload: list[tuple[str, str]] | None,
     resume: dict[str, Any] | None,
+    exit_after_second_signal: float | None,
 ) -> RunResult:
     from streamrl.placement import WorkerGroup  # placement imports the runtime
 
@@ -337,7 +394,7 @@ async def _run_validated(
     started = time.perf_counter()
     async with anyio.create_task_group() as guard:
         if handle_signals:  # started first and stopped last: signals are handled until the summary is written
-            await guard.start(_watch_signals, run, received_signals)
+            await guard.start(_watch_signals, run, received_signals, exit_after_second_signal)
         try:
             error, summary = await _run_and_finalize(pipeline, run, contexts, workers, hooks, wiring,
                                                      received_signals, started, drain_timeout)
@@ -413,6 +470,7 @@ async def _run_and_finalize(
     summary = _summary(pipeline, run.recorder, wall, wiring, contexts, workers, bus, run, exit_reason, error)
     try:
         write_json(run.run_dir / "summary.json", summary, advice=resume_advice(run.run_dir))
+        run.summary_written = True
     except DiskFull as exc:  # no room for the summary either: say so, and fail with the first error
         print(f"streamrl: could not write summary.json: {exc}", file=sys.stderr)
         error = error or exc
@@ -497,6 +555,7 @@ def run(
     drain_timeout: float = 5.0,
     preload: list[tuple[str, str]] | None = None,
     resume: dict[str, Any] | None = None,
+    exit_after_second_signal: float | None = None,
 ) -> RunResult:
     """Run ``pipeline`` to completion in a fresh event loop (asyncio backend); see :func:`run_async`."""
 
@@ -504,6 +563,7 @@ def run(
         return await run_async(
             pipeline, run_dir, seed=seed, device=device, handle_signals=handle_signals,
             drain_timeout=drain_timeout, preload=preload, resume=resume,
+            exit_after_second_signal=exit_after_second_signal,
         )
 
     result: RunResult = anyio.run(main, backend="asyncio", backend_options=loop_options())

@@ -471,3 +471,17 @@ def test_a_real_full_disk_stops_the_run_with_one_error_and_the_run_resumes_after
     lines = (run_dir / "events.jsonl").read_text().splitlines()
     events = [json.loads(line) for line in lines]  # every line whole: the torn one the full disk left was dropped
     assert events[-1]["event"] == "run_end"
+
+
+def test_python_m_from_a_folder_holding_a_streamrl_folder_says_what_hides_the_package(tmp_path):
+    """`python -m streamrl.cli` puts the current folder first on sys.path: with an editable install a `streamrl/`
+    folder there hides the package (the `streamrl` command is not affected: tests/test_faults_liveness.py)."""
+    (tmp_path / "streamrl").mkdir()
+    proc = subprocess.run([sys.executable, "-m", "streamrl.cli", "run", DQN, "--help-config"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    if proc.returncode == 0:  # a regular (non-editable) install wins over a bare folder: nothing is hidden
+        assert "fields" in proc.stdout
+        return
+    assert proc.returncode == 2, proc.stderr
+    assert f"the folder {tmp_path / 'streamrl'} hides the streamrl package" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -376,3 +376,57 @@ def test_step_timeout_must_be_positive():
         EnvStage("env", GymEnv("CartPole-v1"), frames_per_chunk=8, step_timeout=0)
     with pytest.raises(streamrl.ConfigError, match=r"got True"):
         EnvStage("env", GymEnv("CartPole-v1"), frames_per_chunk=8, step_timeout=True)
+
+
+def test_streamrl_run_exits_soon_after_a_second_ctrl_c_even_when_a_hook_blocks_the_event_loop(tmp_path):
+    """A lossy hook whose synchronous code sleeps keeps the event loop from noticing signals at all; `streamrl run`
+    still exits within 2 s of the second Ctrl-C (exit 130), and says why."""
+    blocked = tmp_path / "blocked"
+    (tmp_path / "blocking.py").write_text(textwrap.dedent(f"""
+        import time
+        from dataclasses import dataclass
+        from streamrl import Hook, Pipeline
+        from streamrl.testing import Collect, ListSource
+
+        @dataclass
+        class Config:
+            seed: int = 0
+            device: str = "cpu"
+            total_frames: int = 1000
+            num_envs: int = 1
+
+        class Blocking(Hook):
+            events = ("*",)
+            mode = "lossy"
+
+            def on_event(self, event):
+                open({str(blocked)!r}, "w").close()
+                time.sleep(30)  # blocks the event loop: no await
+
+        def build(cfg: Config) -> Pipeline:
+            p = Pipeline("blocking", config=cfg)
+            p.add(ListSource("src", list(range(10**6)), delay=0.01), Collect("sink", keep=False))
+            p.connect("src.items", "sink.items")
+            p.add_hook(Blocking())
+            return p
+    """))
+    proc = subprocess.Popen([STREAMRL, "run", "blocking.py", "--out", "run"], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 90
+        while not blocked.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        assert blocked.exists(), "the hook never ran"
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        second = time.perf_counter()
+        proc.send_signal(signal.SIGINT)
+        while proc.poll() is None and time.perf_counter() - second < 30:
+            time.sleep(0.01)
+        exited = time.perf_counter() - second
+    finally:
+        proc.kill()
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert exited < 2, exited
+    assert "blocks the event loop): exiting now" in err
