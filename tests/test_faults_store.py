@@ -127,6 +127,29 @@ def test_pending_rows_fall_due_after_commit_every_s_and_a_partial_commit_keeps_t
     assert_rows_are_numbered(reopened)
 
 
+def test_after_a_whole_block_flush_the_commit_clock_starts_with_the_oldest_row_left_pending(tmp_path):
+    """Rows a whole-block flush committed no longer age the rows left after them (an early partial commit is a
+    rewrite of the block's files for nothing)."""
+    store = ZarrStorage(1000, path=tmp_path / "s.zarr", block_rows=16, commit_every_s=0.3)
+    store.extend(numbered(0, 10))
+    time.sleep(0.2)
+    store.extend(numbered(10, 10))  # 20 rows: one whole block of 16, 4 pending that came just now
+    assert store.flush() == 16
+    assert store.seconds_to_commit() > 0.25 and not store.commit_due()
+
+
+def test_a_chunk_mapped_while_its_files_are_being_replaced_is_read_but_never_kept(tmp_path):
+    """in_ram=False: maps of chunk files that a flush thread replaced meanwhile would serve stale rows later."""
+    store = ZarrStorage(64, path=tmp_path / "s.zarr", block_rows=16, in_ram=False, commit_every_s=60)
+    store.extend(numbered(0, 10))
+    store.flush(partial=True)
+    store._rewrites[0] = store._rewrites.get(0, 0) + 1  # as _write_block does while it replaces chunk 0's files
+    assert store.get(torch.arange(10)).get("row").tolist() == list(range(10)) and 0 not in store._maps
+    store._rewrites[0] += 1  # the rewrite ended
+    store.get(torch.arange(10))
+    assert 0 in store._maps
+
+
 def test_an_idle_writer_commits_its_partial_block_on_time(tmp_path):
     """A block of 4096 rows never fills here: before timed commits nothing was on disk until the end."""
     path = tmp_path / "run" / "replay.zarr"

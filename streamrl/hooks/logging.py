@@ -187,9 +187,9 @@ class MetricsCSV(Hook):
 
     async def start(self, run: RunContext) -> None:
         self.run = run
-        path = Path(run.run_dir) / self.filename
-        fresh = not path.exists() or path.stat().st_size == 0
         self.file = RunFile(run.run_dir, self.filename, newline="")
+        path = Path(run.run_dir) / self.filename
+        fresh = path.stat().st_size == 0  # after RunFile dropped a torn last line (a torn header, too)
         with self.file.writing() as f:
             self.writer = csv.DictWriter(f, fieldnames=self.COLUMNS)
             if fresh:

@@ -29,8 +29,12 @@ cover a *partial* block: the writer stage commits pending rows at least every ``
 half a second of margin for the commit itself) and whole blocks as they fill, so ``kill -9`` loses at most the rows
 of the last second or the last chunk, however large ``block_rows`` is. The next flush rewrites that block's chunk
 files with the committed rows unchanged and more rows after them; a writer killed mid-rewrite leaves, per file, the
-old or the new version, and both hold the committed rows. Why not one commit per flush: a writer killed mid-flush leaves the blocks it was writing half
-old, half new across keys; one block of slack bounds that damage to rows nobody trusts.
+old or the new version, and both hold the committed rows. Why not one commit per flush: a writer killed mid-flush
+leaves the blocks it was writing half old, half new across keys; one block of slack bounds that damage to rows
+nobody trusts. The price of partial commits: zarr writes a chunk file whole, so each timed commit rewrites the
+block's files (``block_rows`` rows of every key) for the rows that came since the last one. That is nothing for
+vector rows; for large rows (frames) choose a smaller ``block_rows`` or a larger ``commit_every_s`` (``math.inf``:
+whole blocks only, as before, and the durability bound becomes a block).
 
 Integrity. ``ZarrStorage.open(path)`` (writable, what a resume uses) first runs the structural checks of
 :mod:`streamrl.replay.store_integrity` (metadata, cursor, chunk files of the committed rows, the newest block's
@@ -50,6 +54,7 @@ from __future__ import annotations
 import errno
 import os
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -102,10 +107,12 @@ class ZarrStorage:
         self.committed_rows = 0
         self.total_written = 0
         self.first_row = 0  # no row before it is held: > 0 only after a repair dropped rows (len counts from it)
-        self.pending_since: float | None = None  # time.monotonic() when the oldest pending row came
+        # (rows written after it, time.monotonic()) per extend: when the oldest pending row came (event loop only)
+        self._arrivals: deque[tuple[int, float]] = deque()
         self.crc32: dict[str, int] = {}  # per key: the committed rows of the newest block (the commit records it)
         self.write_error: StoreError | None = None  # the last flush failed (disk full): close does not retry
         self._maps: dict[int, dict[str, np.ndarray]] = {}  # chunk number -> key path -> memmap
+        self._rewrites: dict[int, int] = {}  # chunk number -> times its files began or ended a rewrite
         self._pool: ThreadPoolExecutor | None = None
 
     # -- ring bookkeeping (the sampler contract) -------------------------------------------------------------
@@ -188,8 +195,8 @@ class ZarrStorage:
                 self._append_tail(piece)
             self.total_written += take
             done += take
-            if self.pending_since is None:  # the clock of commit_due starts with the oldest pending row
-                self.pending_since = time.monotonic()
+        self._arrivals.append((self.total_written, time.monotonic()))
+        self.seconds_to_commit()  # drops the arrivals of committed rows: at most one entry per pending extend
         return torch.arange(first, first + n) % self.capacity
 
     def _append_tail(self, rows: TensorDictBase) -> None:
@@ -220,10 +227,14 @@ class ZarrStorage:
         return self.seconds_to_commit() == 0.0
 
     def seconds_to_commit(self) -> float:
-        """Seconds until pending rows are due for a commit (``commit_every_s`` when none is pending)."""
-        if self.pending_since is None or not self.pending_rows:
+        """Seconds until pending rows are due for a commit (``commit_every_s`` when none is pending): the clock
+        starts when the oldest row not yet committed came, also when a whole-block flush committed older ones."""
+        arrivals = self._arrivals
+        while arrivals and arrivals[0][0] <= self.committed_rows:
+            arrivals.popleft()
+        if not arrivals or not self.pending_rows:
             return self.commit_every_s
-        return max(0.0, self.pending_since + self.commit_every_s - time.monotonic())
+        return max(0.0, arrivals[0][1] + self.commit_every_s - time.monotonic())
 
     def flush(self, *, partial: bool = False) -> int:
         """Write every whole pending block (with ``partial``, the last incomplete one too), committing after each.
@@ -242,8 +253,6 @@ class ZarrStorage:
             self.write_error = self._write_failed(exc)
             raise self.write_error from exc
         self.write_error = None
-        if not self.pending_rows:
-            self.pending_since = None
         return self.committed_rows
 
     def _commit_block(self, start: int, stop: int) -> None:
@@ -282,10 +291,13 @@ class ZarrStorage:
         def write(name: str) -> None:
             self.arrays[name][disk:disk + stop - start] = data[name]
 
+        chunk = disk // self.block_rows
+        self._rewrites[chunk] = self._rewrites.get(chunk, 0) + 1  # odd: its files are being replaced
         futures = [self._pool.submit(write, name) for name in self.arrays]  # all keys at once
         for future in futures:  # every write ends before a failure is raised: none is left writing
             future.exception()
-        self._maps.pop(disk // self.block_rows, None)  # its chunk files were replaced: remap on the next read
+        self._maps.pop(chunk, None)  # its chunk files were replaced: remap on the next read
+        self._rewrites[chunk] += 1
         for future in futures:
             future.result()
         return data
@@ -345,11 +357,15 @@ class ZarrStorage:
     def _chunk_maps(self, chunk: int) -> dict[str, np.ndarray]:
         maps = self._maps.get(chunk)
         if maps is None:
+            rewrites = self._rewrites.get(chunk, 0)
             # plain ndarray views of the maps: indexing a np.memmap costs ~5 us more per call
             maps = {name: np.asarray(np.memmap(self._chunk_file(name, chunk), dtype=dtype, mode="r",
                                                shape=(self.block_rows, *shape)))
                     for name, (shape, dtype) in self.layout.items()}
-            self._maps[chunk] = maps
+            # a flush thread replacing this chunk's files meanwhile may have left maps of the old files: use them
+            # for this read (they hold every row committed before), but never keep them
+            if rewrites % 2 == 0 and self._rewrites.get(chunk, 0) == rewrites:
+                self._maps[chunk] = maps
         return maps
 
     # -- state -------------------------------------------------------------------------------------------------

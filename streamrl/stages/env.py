@@ -189,7 +189,7 @@ class EnvStage(Stage):
                     if waiting.cancelled_caught:
                         hung = kill_unanswered(vector_env)
                         raise self._timed_out("step", self._frame(builder.t), _killed(hung), hung)
-                    result = vector_env.step_wait()
+                    result = vector_env.step_wait(timeout=None)  # answered: wait_ready bounded the wait
                 else:
                     deadline.started = monotonic()
                     result = vector_env.step(action)

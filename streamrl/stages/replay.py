@@ -61,7 +61,11 @@ class WriterStage(Stage):
                 async for chunk in ctx.input("chunks"):
                     ctx.extra_wait_s += await limiter.wait_insert(buffer.rows_for(chunk))
                     async with self._lock:
-                        n = len(buffer.extend(chunk))
+                        if isinstance(storage, ZarrStorage) and storage.group is None:
+                            # the first extend creates the store (files, the RAM ring, importing zarr): off the loop
+                            n = len(await anyio.to_thread.run_sync(buffer.extend, chunk))
+                        else:
+                            n = len(buffer.extend(chunk))
                         if isinstance(storage, ZarrStorage):
                             due = storage.commit_due()
                             if due or storage.pending_rows >= storage.block_rows:
@@ -73,7 +77,8 @@ class WriterStage(Stage):
                 tasks.cancel_scope.cancel()
         except BaseExceptionGroup as group:  # a task failed: raise its error, not the group
             cancelled = anyio.get_cancelled_exc_class()
-            raise next((e for e in group.exceptions if not isinstance(e, cancelled)), group.exceptions[0]) from None
+            error = next((e for e in group.exceptions if not isinstance(e, cancelled)), group.exceptions[0])
+            raise error from error.__cause__  # its own cause (the OSError of a full disk), not the group
         finally:
             limiter.close_inserts()
 
