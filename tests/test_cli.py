@@ -12,6 +12,7 @@ import pytest
 import zarr
 
 from streamrl import ZarrStorage
+from streamrl.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 DQN = str(ROOT / "pipelines" / "dqn_cartpole.py")
@@ -84,18 +85,25 @@ def test_a_signal_stops_the_run_and_leaves_summary_metrics_and_a_store_that_reop
     assert (out / "checkpoint.pt").exists()
 
 
-def test_overrides_and_errors(tmp_path):
-    help_text = streamrl("run", DQN, "--help-config")
-    assert help_text.returncode == 0 and "total_frames = 100000" in help_text.stdout
-    assert "Stop after this many env frames" in help_text.stdout
-    bad = streamrl("run", DQN, "--set", "no_such_field=1", "--out", str(tmp_path / "x"))
-    assert bad.returncode == 2 and "has no field 'no_such_field'" in bad.stderr
-    bad = streamrl("run", DQN, "--set", "total_frames=lots", "--out", str(tmp_path / "x"))
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    """``streamrl ARGS`` in this process (the same parsing and exit codes, without a process start-up)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(list(args))
+    out = capsys.readouterr()
+    return exit_.value.code, out.out, out.err
+
+
+def test_overrides_and_errors(tmp_path, capsys):
+    bad = streamrl("run", DQN, "--set", "total_frames=lots", "--out", str(tmp_path / "x"))  # where a user meets it
     assert bad.returncode == 2 and "expected an integer" in bad.stderr
-    missing = streamrl("run", str(tmp_path / "nope.py"))
-    assert missing.returncode == 2 and "does not exist" in missing.stderr
-    graph = streamrl("graph", DQN)
-    assert graph.returncode == 0 and "env.chunks --[1]--> writer.chunks" in graph.stdout
+    code, out, _ = cli(capsys, "run", DQN, "--help-config")
+    assert code == 0 and "total_frames = 100000" in out and "Stop after this many env frames" in out
+    code, _, err = cli(capsys, "run", DQN, "--set", "no_such_field=1", "--out", str(tmp_path / "x"))
+    assert code == 2 and "has no field 'no_such_field'" in err
+    code, _, err = cli(capsys, "run", str(tmp_path / "nope.py"))
+    assert code == 2 and "does not exist" in err
+    code, out, _ = cli(capsys, "graph", DQN)
+    assert code == 0 and "env.chunks --[1]--> writer.chunks" in out
 
 
 def test_tiny_pixel_dqn_run_through_the_cli(tmp_path):
