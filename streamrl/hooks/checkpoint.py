@@ -110,11 +110,16 @@ def _not_plain(path: str, value: Any) -> str:
             "(an ndarray with torch.from_numpy, a TensorDict with .to_dict(), an object as a dict of its fields)")
 
 
-def _failed_non_finite(error: BaseException | None) -> bool:
-    """Whether the run is failing because a value went non-finite (directly or as a failed stage's cause)."""
+def _no_save_at_close(error: BaseException | None) -> str | None:
+    """Why the run's failure (directly or as a failed stage's cause) forbids the checkpoint at its close, if it does:
+    weights that led to a non-finite value, or a full disk (no room, and the store could not commit its rows)."""
     if isinstance(error, StageFailed):
         error = error.error
-    return isinstance(error, NonFiniteError)
+    if isinstance(error, NonFiniteError):
+        return "a non-finite value"
+    if isinstance(error, DiskFull):
+        return "a full disk"
+    return None
 
 
 class Checkpoint(Hook):
@@ -186,8 +191,8 @@ class Checkpoint(Hook):
         return path
 
     async def close(self, run: RunContext) -> None:
-        if _failed_non_finite(run.error):
-            log.warning("no checkpoint at the end of a run stopped by a non-finite value; the previous ones stay",
+        if reason := _no_save_at_close(run.error):
+            log.warning(f"no checkpoint at the end of a run stopped by {reason}; the previous ones stay",
                         path=str(Path(run.run_dir) / self.filename))
             return
         await self.save(run)
