@@ -10,8 +10,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -237,3 +241,22 @@ def random_chunks(n: int, num_envs: int = 2, steps: int = 4, obs_dim: int = 4, s
             },
         }, batch_size=list(shape)))
     return out
+
+
+@contextlib.contextmanager
+def small_disk(path: str | Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (``"2m"``) mounted at ``path`` while the block runs, for disk-full tests and tools.
+
+    Mounting needs root: ``OSError`` says so where it cannot mount. Unmounted lazily on the way out, so files left
+    open by the code under test do not keep it mounted.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                             text=True)
+    if mounted.returncode:
+        raise OSError(f"cannot mount a tmpfs at {path} (needs root): {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)

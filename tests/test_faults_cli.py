@@ -433,24 +433,17 @@ def test_disk_full_writing_config_json_exits_1_and_leaves_no_tmp(tmp_path, monke
 
 
 @pytest.fixture
-def tiny_disk(tmp_path):
+def tiny_disk(tmpfs):
     """A 1 MiB tmpfs, filled up to its last 64 KiB by ``disk/filler``."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.decode().strip()}")
-    try:
-        with open(disk / "filler", "wb", buffering=0) as f:
-            try:
-                while True:
-                    f.write(b"\0" * 4096)
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC
-        os.truncate(disk / "filler", max(0, (disk / "filler").stat().st_size - 64 * 1024))
-        yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
+    disk = tmpfs("1m")
+    with open(disk / "filler", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+    os.truncate(disk / "filler", max(0, (disk / "filler").stat().st_size - 64 * 1024))
+    return disk
 
 
 def test_a_real_full_disk_stops_the_run_with_one_error_and_the_run_resumes_after_space_is_freed(tmp_path, tiny_disk,

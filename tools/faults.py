@@ -11,6 +11,7 @@ kill -9 durability bound over 20 kills; this table kills once. The last line is 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pickle
@@ -342,11 +343,13 @@ def bad_pipeline_files(tmp: Path) -> dict[str, Any]:
 
 @case
 def disk_full(tmp: Path) -> dict[str, Any]:
-    disk = tmp / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)], capture_output=True).returncode:
-        return {"exit": None, "skipped": "cannot mount a tmpfs here (needs root)"}
-    try:
+    from streamrl.testing import small_disk
+
+    with contextlib.ExitStack() as mounted:
+        try:
+            disk = mounted.enter_context(small_disk(tmp / "disk", "3m"))
+        except OSError as exc:
+            return {"exit": None, "skipped": str(exc)}
         code, seconds, err = streamrl("run", DQN, "--set", "total_frames=200000", "--set", "buffer_size=100000",
                                       "--set", "eval_every=100000", "--set", "target_return=1e9",
                                       "--set", "placement=in_process", "--out", str(disk / "run"), cwd=tmp)
@@ -354,8 +357,6 @@ def disk_full(tmp: Path) -> dict[str, Any]:
         summary = (disk / "run" / "summary.json").exists()
         store_ok = streamrl("store", "check", str(disk / "run" / "replay.zarr"), cwd=tmp)[0] == 0
         return row(code, seconds, err, litter=litter, summary_written=summary, store_checks_clean=store_ok)
-    finally:
-        subprocess.run(["umount", str(disk)], capture_output=True)
 
 
 @case

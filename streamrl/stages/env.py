@@ -135,6 +135,11 @@ class EnvStage(Stage):
         env = self.env
         assert isinstance(env, GymEnv)
         builder: ChunkBuilder | None = None
+
+        def where() -> tuple[str, int]:
+            """The call that hung and the frame it was at: no builder yet means the first reset."""
+            return ("reset", self.frames) if builder is None else ("step", self._frame(builder.t))
+
         # subprocess workers are waited for with a timeout of their own: nothing to interrupt on this thread
         with LoopDeadline(None if env.is_subprocess else self.step_timeout) as deadline:
             try:
@@ -145,11 +150,9 @@ class EnvStage(Stage):
                                        drops_rows=env.autoreset == "next_step", first_traj=self.first_traj)
                 await self._step_arrays(ctx, env, builder, deadline)
             except CallInterrupted:
-                call, frame = ("reset", self.frames) if builder is None else ("step", self._frame(builder.t))
-                raise self._timed_out(call, frame, "the call was interrupted") from None
+                raise self._timed_out(*where(), "the call was interrupted") from None
             except EnvStepTimeout as exc:  # the subprocess workers' own timeout
-                call, frame = ("reset", self.frames) if builder is None else ("step", self._frame(builder.t))
-                raise self._timed_out(call, frame, _killed(exc.workers), exc.workers) from exc
+                raise self._timed_out(*where(), _killed(exc.workers), exc.workers) from exc
 
     async def _step_arrays(self, ctx: StageContext, env: GymEnv, builder: ChunkBuilder,
                            deadline: LoopDeadline) -> None:
