@@ -28,7 +28,6 @@ from streamrl import (
     Bounded,
     Checkpoint,
     DDPGLoss,
-    EnvStage,
     EpsilonAnnealing,
     Evaluate,
     EventLog,
@@ -36,7 +35,6 @@ from streamrl import (
     LearnerStage,
     MetricsCSV,
     Pipeline,
-    PolicyStage,
     ProgressBar,
     RamStorage,
     RateLimiter,
@@ -60,6 +58,9 @@ class Config:
     """Learner device: cpu, cuda, or auto (CUDA when available)."""
     num_envs: int = 4
     """Pendulum copies stepped together in the collection process."""
+    replicas: int = 1
+    """Copies of the collector group, each in its own worker process (own env seeds and traj_ids); total_frames is
+    their budget together."""
     frames_per_chunk: int = 64
     """Frames per chunk sent from the env stage to the replay writer; the policy takes new weights between chunks."""
     placement: str = "worker_process"
@@ -143,20 +144,14 @@ def build_with_loss(cfg: Config, name: str, make_loss: Callable[..., DDPGLoss | 
     learner = LearnerStage("learner", loss, optimizer, publish=actor, publish_every=cfg.publish_every,
                            device=cfg.device)
     p = Pipeline(name, config=cfg)
-    p.add(
-        EnvStage("env", env, frames_per_chunk=cfg.frames_per_chunk, total_frames=cfg.total_frames),
-        PolicyStage("policy", collect_policy, weights_module=actor),
-        group="collect",
-    )
+    collector = p.add_collector("collect", env, collect_policy, frames_per_chunk=cfg.frames_per_chunk,
+                                total_frames=cfg.total_frames, weights_module=actor, replicas=cfg.replicas,
+                                placement=cfg.placement)  # type: ignore[arg-type]
     p.add(WriterStage("writer", replay), SamplerStage("sampler", replay, pin_memory=True), learner)
-    p.connect("env.requests", "policy.requests", capacity=1)
-    p.connect("policy.actions", "env.actions", capacity=1)
-    p.connect("env.chunks", "writer.chunks", capacity=1)
+    p.connect(collector.chunks, "writer.chunks", capacity=1)
     p.connect("sampler.batches", "learner.batches", capacity=4)
-    p.connect("learner.weights", "policy.weights", capacity=1, overflow="drop_oldest")
-    p.place("collect", cfg.placement)  # type: ignore[arg-type]
 
-    p.add_hook(EpsilonAnnealing(explore), group="collect")  # anneals sigma where the policy runs
+    p.add_hook(EpsilonAnnealing(explore), group=collector.group)  # anneals sigma where the policy runs
     p.add_hook(
         TargetNetworkUpdate(SoftUpdate(loss, tau=cfg.tau)),
         Evaluate(GymEnv("Pendulum-v1", num_envs=cfg.eval_episodes), actor, every_frames=cfg.eval_every,

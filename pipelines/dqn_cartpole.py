@@ -24,7 +24,6 @@ from streamrl import (
     Checkpoint,
     DQNLoss,
     EGreedyModule,
-    EnvStage,
     EpsilonAnnealing,
     Evaluate,
     EventLog,
@@ -33,7 +32,6 @@ from streamrl import (
     LearnerStage,
     MetricsCSV,
     Pipeline,
-    PolicyStage,
     PrioritizedSampler,
     PriorityUpdate,
     ProgressBar,
@@ -58,6 +56,9 @@ class Config:
     num_envs: int = 1
     """CartPole copies stepped together (gymnasium's native vector env). One is enough: collection runs in its
     own process, hidden behind the learner, which is the bottleneck."""
+    replicas: int = 1
+    """Copies of the collector group, each in its own worker process (own env seeds and traj_ids); total_frames is
+    their budget together."""
     frames_per_chunk: int = 64
     """Frames per chunk sent from the env stage to the replay writer; the policy takes new weights between chunks."""
     placement: str = "worker_process"
@@ -134,20 +135,14 @@ def build(cfg: Config) -> Pipeline:
     learner = LearnerStage("learner", loss, optimizer, publish=actor, publish_every=cfg.publish_every,
                            max_grad_norm=cfg.max_grad_norm, device=cfg.device)
     p = Pipeline("dqn_cartpole", config=cfg)
-    p.add(
-        EnvStage("env", env, frames_per_chunk=cfg.frames_per_chunk, total_frames=cfg.total_frames),
-        PolicyStage("policy", collect_policy, weights_module=actor),
-        group="collect",
-    )
+    collector = p.add_collector("collect", env, collect_policy, frames_per_chunk=cfg.frames_per_chunk,
+                                total_frames=cfg.total_frames, weights_module=actor, replicas=cfg.replicas,
+                                placement=cfg.placement)  # type: ignore[arg-type]
     p.add(WriterStage("writer", replay), SamplerStage("sampler", replay, pin_memory=True), learner)
-    p.connect("env.requests", "policy.requests", capacity=1)
-    p.connect("policy.actions", "env.actions", capacity=1)
-    p.connect("env.chunks", "writer.chunks", capacity=1)
+    p.connect(collector.chunks, "writer.chunks", capacity=1)
     p.connect("sampler.batches", "learner.batches", capacity=4)
-    p.connect("learner.weights", "policy.weights", capacity=1, overflow="drop_oldest")
-    p.place("collect", cfg.placement)  # type: ignore[arg-type]
 
-    p.add_hook(EpsilonAnnealing(explore), group="collect")
+    p.add_hook(EpsilonAnnealing(explore), group=collector.group)
     p.add_hook(
         TargetNetworkUpdate(HardUpdate(loss, every=cfg.target_update_every)),
         Evaluate(GymEnv("CartPole-v1", num_envs=cfg.eval_episodes), actor, every_frames=cfg.eval_every,

@@ -2,12 +2,20 @@
 
     streamrl run pipelines/dqn_cartpole_pixels.py --device cuda
 
-The agent sees only rendered frames: each env renders in a subprocess worker, and the transforms turn the
-600x400 RGB frame into what the network reads: float CHW in [0, 1] → grayscale → 64x64 → the last 4 frames
-stacked (velocity is visible only across frames) → normalised with statistics measured on random play before
-training (``ObservationNorm.init_stats``); a step counter completes the stack. Chunks get scaled rewards and
-n-step returns before they are stored; a dueling CNN learns with double DQN and soft target updates; epsilon
-anneals over the first frames.
+The agent sees only rendered frames. Where each step of the preprocessing runs:
+
+* **in each env's subprocess worker** (``GymEnv(worker_transform=...)``), right after the env renders its
+  600x400 RGB frame: channels first, kept as uint8 (``ToTensorImage(dtype=torch.uint8)``) → grayscale → 64x64 →
+  the last 4 frames stacked (velocity is visible only across frames; the stack restarts at each reset). The
+  workers hand over 16 kB uint8 stacks instead of 720 kB renders, and the preprocessing grows with the workers;
+* **in the env stage's process** (the ``collect`` group's worker): ``StepCounter`` (a ``TransformedEnv`` around
+  the GymEnv);
+* **in the ``nstep`` stage** (main process): rewards scaled, n-step returns; replay stores the uint8 stacks
+  (a quarter of the bytes of float frames);
+* **in the network** (``FrameNorm``, its first layer, on the policy's and the learner's device): uint8 → float,
+  standardised with the mean and std of the frames of random play measured before training.
+
+A dueling CNN learns with double DQN and soft target updates; epsilon anneals over the first frames.
 
     env group (worker) ──chunks──> n-step ──> writer ──[RAM ring]──> sampler ──batches──> learner
          ^                                                                                    │
@@ -22,21 +30,21 @@ from dataclasses import dataclass
 
 import torch
 from tensordict.nn import TensorDictSequential
+from torch import nn
 
 from streamrl import (
     Checkpoint,
     DQNLoss,
     DuelingCnnDQNet,
     EGreedyModule,
-    EnvStage,
     EpsilonAnnealing,
     Evaluate,
     EventLog,
+    FrameNorm,
     GymEnv,
     LearnerStage,
     MetricsCSV,
     Pipeline,
-    PolicyStage,
     ProgressBar,
     QValueActor,
     RamStorage,
@@ -53,7 +61,6 @@ from streamrl.transforms import (
     CatFrames,
     Compose,
     GrayScale,
-    ObservationNorm,
     Resize,
     RewardScaling,
     StepCounter,
@@ -72,6 +79,9 @@ class Config:
     """Learner and policy device: cpu, cuda, or auto (CUDA when available)."""
     num_envs: int = 4
     """Envs, each rendering in its own subprocess worker."""
+    replicas: int = 1
+    """Copies of the collector group, each in its own worker process (own env seeds and traj_ids); total_frames is
+    their budget together."""
     frames_per_chunk: int = 64
     """Frames per chunk; the policy takes new weights between chunks."""
     image_size: int = 64
@@ -79,13 +89,13 @@ class Config:
     frame_stack: int = 4
     """Frames stacked along the channel dim."""
     init_stats_steps: int = 256
-    """Random steps whose frames give the normalisation mean and std."""
+    """Random steps whose frames give the normalisation mean and std (of FrameNorm, the network's first layer)."""
     reward_scale: float = 0.1
     """Rewards are multiplied by this before they are stored."""
     n_steps: int = 3
     """n of the n-step returns."""
     buffer_size: int = 20_000
-    """Replay capacity in transitions (each holds two 4x64x64 float stacks: ~128 kB)."""
+    """Replay capacity in transitions (each holds two 4x64x64 uint8 stacks: ~32 kB)."""
     batch_size: int = 64
     """Transitions per learner update."""
     cnn_cells: tuple[int, int, int] = (16, 32, 32)
@@ -123,35 +133,41 @@ class Config:
 
 
 def make_env(cfg: Config, num_envs: int, seed: int) -> TransformedEnv:
-    """Rendered CartPole with the preprocessing stack (normalisation statistics still to be measured)."""
-    base = GymEnv("CartPole-v1", num_envs=num_envs, from_pixels=True, backend="subprocess" if num_envs > 1 else "sync",
-                  seed=seed)
-    return TransformedEnv(base, Compose(
-        ToTensorImage(),
+    """Rendered CartPole, its frames preprocessed where each env steps: uint8 stacks [frame_stack, size, size]."""
+    frames = Compose(
+        ToTensorImage(dtype=torch.uint8),
         GrayScale(),
         Resize(cfg.image_size, cfg.image_size),
         CatFrames(cfg.frame_stack, dim=-3),
-        ObservationNorm(in_keys=["pixels"], standard_normal=True),
-        StepCounter(),
-    ))
+    )
+    base = GymEnv("CartPole-v1", num_envs=num_envs, from_pixels=True, backend="subprocess" if num_envs > 1 else "sync",
+                  seed=seed, worker_transform=frames)
+    return TransformedEnv(base, StepCounter())
+
+
+def frame_stats(env: TransformedEnv, steps: int) -> tuple[float, float]:
+    """The mean and std of every pixel of ``steps`` random steps: one normalisation for all pixels."""
+    frames = env.rollout(steps, break_when_any_done=False)["pixels"].to(torch.float32)
+    return frames.mean().item(), frames.std().clamp_min(1e-6).item()
 
 
 def build(cfg: Config) -> Pipeline:
     env = make_env(cfg, cfg.num_envs, cfg.seed)
-    norm = env.transform[4]
-    norm.init_stats(cfg.init_stats_steps, reduce_dim=(0, 1, 2, 3), cat_dim=0)  # one mean and std for all pixels
+    mean, std = frame_stats(env, cfg.init_stats_steps)
     eval_env = make_env(cfg, 1, cfg.seed + 1)
-    eval_env.transform[4].load_state_dict(norm.state_dict())  # the statistics the agent trained with
     env.close()  # reopened in the collection worker
 
     torch.manual_seed(cfg.seed)
     n_actions = 2
-    q_net = DuelingCnnDQNet(
-        n_actions,
-        cnn_kwargs={"num_cells": cfg.cnn_cells, "kernel_sizes": (8, 4, 3), "strides": (4, 2, 1)},
-        mlp_kwargs={"num_cells": (cfg.mlp_cells,)},
+    q_net = nn.Sequential(
+        FrameNorm(loc=mean, scale=std),  # uint8 frames in; travels with the weights and the checkpoints
+        DuelingCnnDQNet(
+            n_actions,
+            cnn_kwargs={"num_cells": cfg.cnn_cells, "kernel_sizes": (8, 4, 3), "strides": (4, 2, 1)},
+            mlp_kwargs={"num_cells": (cfg.mlp_cells,)},
+        ),
     )
-    q_net(torch.zeros(1, cfg.frame_stack, cfg.image_size, cfg.image_size))  # size the lazy layers
+    q_net(torch.zeros(1, cfg.frame_stack, cfg.image_size, cfg.image_size, dtype=torch.uint8))  # size the lazy layers
     actor = QValueActor(q_net, in_key="pixels")
     explore = EGreedyModule(n_actions, eps_init=cfg.eps_init, eps_end=cfg.eps_end, annealing_frames=cfg.eps_frames)
     collect_policy = TensorDictSequential(actor, explore)
@@ -170,24 +186,18 @@ def build(cfg: Config) -> Pipeline:
                            max_grad_norm=cfg.max_grad_norm, device=cfg.device)
 
     p = Pipeline("dqn_cartpole_pixels", config=cfg)
-    p.add(
-        EnvStage("env", env, frames_per_chunk=cfg.frames_per_chunk, total_frames=cfg.total_frames),
-        PolicyStage("policy", collect_policy, weights_module=actor),
-        group="collect",
-    )
+    collector = p.add_collector("collect", env, collect_policy, frames_per_chunk=cfg.frames_per_chunk,
+                                total_frames=cfg.total_frames, weights_module=actor, replicas=cfg.replicas,
+                                placement="worker_process")
     # rewards are scaled on the way to replay, so episode returns in the metrics stay in env units, like the evals
     postproc = Compose(RewardScaling(loc=0.0, scale=cfg.reward_scale), MultiStep(cfg.gamma, cfg.n_steps))
     p.add(TransformStage("nstep", postproc), WriterStage("writer", replay),
           SamplerStage("sampler", replay, pin_memory=True), learner)
-    p.connect("env.requests", "policy.requests", capacity=1)
-    p.connect("policy.actions", "env.actions", capacity=1)
-    p.connect("env.chunks", "nstep.chunks", capacity=1)
+    p.connect(collector.chunks, "nstep.chunks", capacity=1)
     p.connect("nstep.chunks", "writer.chunks", capacity=1)
     p.connect("sampler.batches", "learner.batches", capacity=4)
-    p.connect("learner.weights", "policy.weights", capacity=1, overflow="drop_oldest")
-    p.place("collect", "worker_process")
 
-    p.add_hook(EpsilonAnnealing(explore), group="collect")
+    p.add_hook(EpsilonAnnealing(explore), group=collector.group)
     p.add_hook(
         TargetNetworkUpdate(SoftUpdate(loss, tau=cfg.tau)),
         Evaluate(eval_env, actor, every_frames=cfg.eval_every, episodes=cfg.eval_episodes,

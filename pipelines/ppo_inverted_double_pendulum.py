@@ -27,14 +27,13 @@ from streamrl import (
     AdvantageStage,
     Checkpoint,
     ClipPPOLoss,
-    EnvStage,
+    ConfigError,
     Evaluate,
     EventLog,
     GymEnv,
     LearnerStage,
     MetricsCSV,
     Pipeline,
-    PolicyStage,
     ProbabilisticActor,
     ProgressBar,
     ValueOperator,
@@ -55,6 +54,9 @@ class Config:
     num_envs: int = 4
     """Envs stepped together (sync vector env: the transforms need same-step resets). One policy call serves all
     of them, so four envs collect ~2.5x faster than one on a core; a chunk is still 1,000 frames."""
+    replicas: int = 1
+    """Copies of the collector group, each in its own worker process (own env seeds and traj_ids); each collects
+    frames_per_chunk / replicas frames per update, so that a learner batch stays frames_per_chunk frames."""
     frames_per_chunk: int = 1_000
     """Frames per chunk = per learner batch (num_envs x 250 steps)."""
     init_stats_steps: int = 1_000
@@ -123,20 +125,16 @@ def build(cfg: Config) -> Pipeline:
                            device=cfg.device)
 
     p = Pipeline("ppo_inverted_double_pendulum", config=cfg)
-    p.add(
-        EnvStage("env", env, frames_per_chunk=cfg.frames_per_chunk, total_frames=cfg.total_frames,
-                 record=("action", "sample_log_prob")),
-        PolicyStage("policy", actor, max_policy_lag=cfg.max_policy_lag),
-        group="collect",
-    )
+    if cfg.frames_per_chunk % (cfg.replicas * cfg.num_envs):
+        raise ConfigError(f"frames_per_chunk={cfg.frames_per_chunk} must split evenly over replicas={cfg.replicas} "
+                          f"x num_envs={cfg.num_envs}: each replica collects an equal share of every batch")
+    collector = p.add_collector("collect", env, actor, frames_per_chunk=cfg.frames_per_chunk // cfg.replicas,
+                                total_frames=cfg.total_frames, replicas=cfg.replicas,
+                                max_policy_lag=cfg.max_policy_lag, record=("action", "sample_log_prob"))
     p.add(AdvantageStage("gae", GAE(gamma=cfg.gamma, lmbda=cfg.lmbda, value_network=critic, average_gae=True)),
           learner)
-    p.connect("env.requests", "policy.requests", capacity=1)
-    p.connect("policy.actions", "env.actions", capacity=1)
-    p.connect("env.chunks", "gae.chunks", capacity=1)
+    p.connect(collector.chunks, "gae.chunks", capacity=1, join="rounds")  # one chunk of every replica
     p.connect("gae.chunks", "learner.batches", capacity=1)
-    p.connect("learner.weights", "policy.weights", capacity=1, overflow="drop_oldest")
-    p.place("collect", "worker_process")
     p.add_hook(
         Evaluate(eval_env, actor, every_frames=cfg.eval_every, episodes=cfg.eval_episodes,
                  stop_at_return=cfg.target_return),

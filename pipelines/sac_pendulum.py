@@ -26,7 +26,6 @@ from streamrl import (
     MLP,
     Bounded,
     Checkpoint,
-    EnvStage,
     Evaluate,
     EventLog,
     GymEnv,
@@ -34,7 +33,6 @@ from streamrl import (
     MetricsCSV,
     NormalParamExtractor,
     Pipeline,
-    PolicyStage,
     ProbabilisticActor,
     ProgressBar,
     RamStorage,
@@ -59,6 +57,9 @@ class Config:
     """Learner device: cpu, cuda, or auto (CUDA when available)."""
     num_envs: int = 4
     """Pendulum copies stepped together in the collection process."""
+    replicas: int = 1
+    """Copies of the collector group, each in its own worker process (own env seeds and traj_ids); total_frames is
+    their budget together."""
     frames_per_chunk: int = 64
     """Frames per chunk sent from the env stage to the replay writer; the policy takes new weights between chunks."""
     placement: str = "worker_process"
@@ -127,18 +128,13 @@ def build(cfg: Config) -> Pipeline:
     learner = LearnerStage("learner", loss, optimizer, publish=actor, publish_every=cfg.publish_every,
                            device=cfg.device)
     p = Pipeline("sac_pendulum", config=cfg)
-    p.add(
-        EnvStage("env", env, frames_per_chunk=cfg.frames_per_chunk, total_frames=cfg.total_frames),
-        PolicyStage("policy", actor),  # samples actions (the actor's default interaction type is RANDOM)
-        group="collect",
-    )
+    # the policy samples actions (the actor's default interaction type is RANDOM)
+    collector = p.add_collector("collect", env, actor, frames_per_chunk=cfg.frames_per_chunk,
+                                total_frames=cfg.total_frames, replicas=cfg.replicas,
+                                placement=cfg.placement)  # type: ignore[arg-type]
     p.add(WriterStage("writer", replay), SamplerStage("sampler", replay, pin_memory=True), learner)
-    p.connect("env.requests", "policy.requests", capacity=1)
-    p.connect("policy.actions", "env.actions", capacity=1)
-    p.connect("env.chunks", "writer.chunks", capacity=1)
+    p.connect(collector.chunks, "writer.chunks", capacity=1)
     p.connect("sampler.batches", "learner.batches", capacity=4)
-    p.connect("learner.weights", "policy.weights", capacity=1, overflow="drop_oldest")
-    p.place("collect", cfg.placement)  # type: ignore[arg-type]
 
     p.add_hook(
         TargetNetworkUpdate(SoftUpdate(loss, tau=cfg.tau)),

@@ -46,6 +46,7 @@ _EXPORTS: dict[str, str] = {
     "EventBus": "streamrl.events",
     "EventLog": "streamrl.hooks.logging",
     "FifoSampler": "streamrl.replay.samplers",
+    "FrameNorm": "streamrl.modules.nets",
     "FrameSkip": "streamrl.transforms.episode",
     "GAE": "streamrl.objectives.value",
     "GrayScale": "streamrl.transforms.image",
@@ -66,6 +67,8 @@ _EXPORTS: dict[str, str] = {
     "Pipeline": "streamrl.pipeline",
     "PipelineError": "streamrl.errors",
     "PipelineFileError": "streamrl.errors",
+    "PolicyAnswer": "streamrl.stages.policy",
+    "PolicyRequest": "streamrl.stages.policy",
     "PolicyStage": "streamrl.stages.policy",
     "PrioritizedSampler": "streamrl.replay.samplers",
     "PriorityUpdate": "streamrl.hooks.priority",
@@ -81,9 +84,9 @@ _EXPORTS: dict[str, str] = {
     "Resize": "streamrl.transforms.image",
     "RewardScaling": "streamrl.transforms.norm",
     "RewardSum": "streamrl.transforms.episode",
-    "RunContext": "streamrl.runtime",
+    "RunContext": "streamrl.execution.context",
     "RunDirError": "streamrl.errors",
-    "RunResult": "streamrl.runtime",
+    "RunResult": "streamrl.execution.main",
     "SACLoss": "streamrl.objectives.actor_critic",
     "SamplerStage": "streamrl.stages.replay",
     "SamplerWithoutReplacement": "streamrl.replay.samplers",
@@ -122,8 +125,9 @@ _EXPORTS: dict[str, str] = {
     "ZarrStorage": "streamrl.replay.zarr_store",
     "evaluate": "streamrl.hooks.eval",
     "gae": "streamrl.objectives.value",
+    "open_exchange": "streamrl.exchange",
     "open_stream": "streamrl.streams",
-    "run": "streamrl.runtime",
+    "run": "streamrl.execution.main",
     "spec_from_space": "streamrl.envs.specs",
     "td0_return": "streamrl.objectives.value",
     "td1_return": "streamrl.objectives.value",
@@ -156,6 +160,9 @@ if TYPE_CHECKING:
         WouldBlock,
     )
     from streamrl.events import Event, EventBus, Hook
+    from streamrl.exchange import open_exchange
+    from streamrl.execution.context import RunContext
+    from streamrl.execution.main import RunResult, run
     from streamrl.hooks.checkpoint import Checkpoint
     from streamrl.hooks.eval import Evaluate, evaluate
     from streamrl.hooks.logging import EventLog, MetricsCSV
@@ -165,7 +172,7 @@ if TYPE_CHECKING:
     from streamrl.modules.actors import Actor, ProbabilisticActor, QValueActor, ValueOperator
     from streamrl.modules.distributions import IndependentNormal, TanhNormal
     from streamrl.modules.exploration import AdditiveGaussianModule, EGreedyModule, OrnsteinUhlenbeckModule
-    from streamrl.modules.nets import MLP, ConvNet, DuelingCnnDQNet
+    from streamrl.modules.nets import MLP, ConvNet, DuelingCnnDQNet, FrameNorm
     from streamrl.objectives.actor_critic import DDPGLoss, SACLoss, TD3Loss
     from streamrl.objectives.dqn import DQNLoss
     from streamrl.objectives.ppo import A2CLoss, ClipPPOLoss, LossKeys, ReinforceLoss
@@ -195,12 +202,11 @@ if TYPE_CHECKING:
     from streamrl.replay.storage import RamStorage
     from streamrl.replay.sumtree import SumTree
     from streamrl.replay.zarr_store import ZarrStorage
-    from streamrl.runtime import RunContext, RunResult, run
     from streamrl.stages.advantage import AdvantageStage
     from streamrl.stages.base import Stage, StageContext
     from streamrl.stages.env import EnvStage
     from streamrl.stages.learner import LearnerStage
-    from streamrl.stages.policy import PolicyStage
+    from streamrl.stages.policy import PolicyAnswer, PolicyRequest, PolicyStage
     from streamrl.stages.replay import SamplerStage, WriterStage
     from streamrl.stages.transform import TransformStage
     from streamrl.streams import ReceiveStream, SendStream, StreamStatistics, open_stream
@@ -257,6 +263,7 @@ __all__ = [
     "EventBus",
     "EventLog",
     "FifoSampler",
+    "FrameNorm",
     "FrameSkip",
     "GAE",
     "GrayScale",
@@ -277,6 +284,8 @@ __all__ = [
     "Pipeline",
     "PipelineError",
     "PipelineFileError",
+    "PolicyAnswer",
+    "PolicyRequest",
     "PolicyStage",
     "PrioritizedSampler",
     "PriorityUpdate",
@@ -333,6 +342,7 @@ __all__ = [
     "ZarrStorage",
     "evaluate",
     "gae",
+    "open_exchange",
     "open_stream",
     "run",
     "spec_from_space",

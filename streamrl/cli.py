@@ -103,7 +103,7 @@ def _run_dir(out: str | None, path: Path, seed: int) -> Path:
 
 def cmd_run(args: argparse.Namespace) -> int:
     warm_up()  # started before the run-directory lock is taken, so the workers it forks never hold the lock
-    import streamrl.runtime as runtime
+    import streamrl.execution.main as runtime
 
     build, config_cls, module_name, path = _load(args.target)
     if args.help_config:

@@ -20,7 +20,7 @@ Before a run starts, :func:`validate_config` checks the values every pipeline sh
 :class:`~streamrl.errors.ConfigError` naming the field, the value and what is allowed:
 
 * the fields every config has (``total_frames``, ``seed``, ``device``, ``num_envs``) exist;
-* counts are whole numbers >= 1: ``total_frames``, ``num_envs``, ``frames_per_chunk``, ``batch_size``,
+* counts are whole numbers >= 1: ``total_frames``, ``num_envs``, ``frames_per_chunk``, ``batch_size``, ``replicas``,
   ``buffer_size``, ``minibatch_size``, ``epochs`` (where the config has them);
 * ``buffer_size >= batch_size`` (a batch is drawn from the buffer);
 * learning rates (``lr``, ``*_lr``, ``lr_*``, ``*learning_rate*``) are finite and > 0;
@@ -43,7 +43,7 @@ from streamrl.errors import ConfigError
 
 REQUIRED_FIELDS = ("total_frames", "seed", "device", "num_envs")
 POSITIVE_COUNTS = ("total_frames", "num_envs", "frames_per_chunk", "batch_size", "buffer_size", "minibatch_size",
-                   "epochs")
+                   "epochs", "replicas")
 
 
 def field_docs(cls: type) -> dict[str, str]:

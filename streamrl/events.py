@@ -44,7 +44,7 @@ from streamrl.errors import ConfigError, EndOfStream, StageFailed
 from streamrl.streams import ReceiveStream, SendStream, open_stream
 
 if TYPE_CHECKING:
-    from streamrl.runtime import RunContext
+    from streamrl.execution.context import RunContext
 
 Mode = Literal["lockstep", "lossy"]
 Handler = Callable[["Event"], Awaitable[None] | None]
@@ -77,11 +77,16 @@ class Hook(ABC):
 
     Subclasses set ``events`` and ``mode`` and implement ``on_event``. ``start`` runs before the first stage
     starts; ``close`` runs on every exit path (normal end, Ctrl-C, a failed stage) and must flush.
+
+    A hook runs in the process of the group it is added to, and acts on the objects it holds there: the pipeline
+    refuses a hook whose modules (or replay buffers) only stages of another process hold, and a ``main_only`` hook
+    (one that reads ``run.recorder`` or ``run.pipeline``, which only the main process has) in a worker group.
     """
 
     events: ClassVar[tuple[str, ...]] = ()
     mode: ClassVar[Mode] = "lockstep"
     capacity: ClassVar[int] = 256  # buffer of a lossy subscription
+    main_only: ClassVar[bool] = False  # True: it needs the main process (the run's recorder, pipeline, files)
 
     def __init__(self, name: str | None = None) -> None:
         self.name = name or type(self).__name__

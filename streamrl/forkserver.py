@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-PRELOAD = ["streamrl", "streamrl.placement"]
+PRELOAD = ["streamrl", "streamrl.execution.main"]
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the folder from which this process imported streamrl
 
 

@@ -1,12 +1,11 @@
 """The pipeline graph: named stages, bounded edges, stage groups with a placement, hooks.
 
-The graph is plain data; :mod:`streamrl.runtime` executes it. Build one in a pipeline file::
+The graph is plain data; :mod:`streamrl.execution` runs it. Build one in a pipeline file::
 
     p = Pipeline("dqn")
     p.add(EnvStage("env", env), PolicyStage("policy", actor), group="collect")
     p.add(WriterStage("writer", replay), SamplerStage("sampler", replay), LearnerStage("learner", ...))
-    p.connect("env.requests", "policy.requests", capacity=1)
-    p.connect("policy.actions", "env.actions", capacity=1)
+    p.connect("env.policy", "policy.requests", capacity=0)   # a request/answer exchange (streamrl.exchange)
     p.connect("env.chunks", "writer.chunks")
     ...
     p.place("collect", "worker_process")    # run env + policy in their own process
@@ -15,9 +14,10 @@ The graph is plain data; :mod:`streamrl.runtime` executes it. Build one in a pip
 
 Ports are addressed ``"stage.port"``. Several outputs may feed one input (fan-in); an output feeds exactly one
 input. An edge that crosses from one process to another needs capacity >= 1 (the buffer is what lets both sides
-run at once). A cycle of stages needs something to start it: a source stage in it (env <-> policy) or an edge into
-it from outside (the learner's weights into that cycle); one with neither never starts, and ``validate`` refuses
-it, as it refuses a cycle of capacity-0 edges (a deadlock).
+run at once). Ports a stage declares in ``exchanges`` are request/answer exchanges (:mod:`streamrl.exchange`), one
+edge per asker: they join exchange ports, in one process. A cycle of stages needs something to start it: a source
+stage in it or an edge into it from outside; one with neither never starts, and ``validate`` refuses it, as it
+refuses a cycle of capacity-0 edges (a deadlock).
 
 Stages are grouped; a group's placement says where its stages run: ``"in_process"`` (the main event loop) or
 ``"worker_process"`` (a child process exchanging chunks and weights through shared memory).
@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 from streamrl.errors import PipelineError
 from streamrl.events import FunctionHook, Hook
+from streamrl.graph_checks import check_links, shared_links
 from streamrl.stages.base import Stage
 
 Placement = Literal["in_process", "worker_process"]
@@ -47,6 +48,7 @@ class Edge:
     dst_port: str
     capacity: int = 2
     overflow: Literal["block", "drop_oldest"] = "block"
+    join: Literal["arrival", "rounds"] = "arrival"  # out of a replicated group: how the replicas' items meet
 
     @property
     def name(self) -> str:
@@ -56,6 +58,21 @@ class Edge:
     def stream_name(self) -> str:
         """Fan-in edges into one input share a stream, named after the input."""
         return f"{self.dst_stage}.{self.dst_port}"
+
+
+@dataclass(frozen=True)
+class Collector:
+    """What :meth:`Pipeline.add_collector` built: the group, its two stages, and where its chunks come out."""
+
+    group: str
+    env: str  # the env stage's name
+    policy: str  # the policy stage's name
+    replicas: int
+
+    @property
+    def chunks(self) -> str:
+        """The output to connect downstream: ``p.connect(collector.chunks, "writer.chunks")``."""
+        return f"{self.env}.chunks"
 
 
 def _split(address: str, role: str) -> tuple[str, str]:
@@ -74,6 +91,7 @@ class Pipeline:
         self.stages: dict[str, Stage] = {}
         self.stage_group: dict[str, str] = {}
         self.groups: dict[str, Placement] = {MAIN: "in_process"}
+        self.replicas: dict[str, int] = {}  # groups run as several replicas (worker processes), and how many
         self.edges: list[Edge] = []
         self.hooks: list[tuple[Hook, str]] = []
         self._duplicates: list[str] = []
@@ -90,13 +108,21 @@ class Pipeline:
             self.groups.setdefault(group, "in_process")
         return self
 
-    def place(self, group: str, placement: Placement) -> Pipeline:
-        """Say where a stage group runs: ``"in_process"`` or ``"worker_process"``."""
+    def place(self, group: str, placement: Placement, *, replicas: int = 1) -> Pipeline:
+        """Say where a stage group runs: ``"in_process"`` or ``"worker_process"``; ``replicas=N`` runs N copies of
+        a worker group, each in its own process (see :mod:`streamrl.execution.wiring` for how their edges meet)."""
         if placement not in PLACEMENTS:
             raise PipelineError(f"placement of group {group!r} must be one of {PLACEMENTS}, got {placement!r}")
         if group == MAIN and placement != "in_process":
             raise PipelineError("group 'main' is the main process; put stages in another group to move them")
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+            raise PipelineError(f"group {group!r}: replicas must be an int >= 1, got {replicas!r}")
+        if replicas > 1 and placement != "worker_process":
+            raise PipelineError(f"group {group!r}: {replicas} replicas need placement 'worker_process' (one process "
+                                f"each), got {placement!r}; use p.place({group!r}, 'worker_process', "
+                                f"replicas={replicas})")
         self.groups[group] = placement
+        self.replicas[group] = replicas
         return self
 
     def connect(
@@ -106,14 +132,68 @@ class Pipeline:
         *,
         capacity: int = 2,
         overflow: Literal["block", "drop_oldest"] = "block",
+        join: Literal["arrival", "rounds"] = "arrival",
     ) -> Pipeline:
-        """Join output ``src`` ("stage.port") to input ``dst`` with a stream of ``capacity`` items."""
+        """Join output ``src`` ("stage.port") to input ``dst`` with a stream of ``capacity`` items.
+
+        ``join`` matters for an output of a replicated group: ``"arrival"`` (items of all replicas in the order
+        they arrive) or ``"rounds"`` (one item of each replica in turn, concatenated along dim 0)."""
         s_stage, s_port = _split(src, "the source of a connection")
         d_stage, d_port = _split(dst, "the destination of a connection")
         if not isinstance(capacity, int) or capacity < 0:
             raise PipelineError(f"connect({src!r}, {dst!r}): capacity must be an int >= 0, got {capacity!r}")
-        self.edges.append(Edge(s_stage, s_port, d_stage, d_port, capacity, overflow))
+        if join not in ("arrival", "rounds"):
+            raise PipelineError(f"connect({src!r}, {dst!r}): join must be 'arrival' or 'rounds', got {join!r}")
+        self.edges.append(Edge(s_stage, s_port, d_stage, d_port, capacity, overflow, join))
         return self
+
+    def add_collector(
+        self,
+        name: str,
+        env: Any,
+        policy: Any,
+        *,
+        frames_per_chunk: int,
+        total_frames: int | None = None,
+        replicas: int = 1,
+        placement: Placement = "worker_process",
+        weights_from: str | None = "learner",
+        weights_module: Any = None,
+        max_policy_lag: int | None = None,
+        record: tuple[str, ...] = ("action",),
+    ) -> Collector:
+        """Add a collector: group ``name`` holding an env stage (``{name}_env``) that steps ``env`` and a policy stage
+        (``{name}_policy``) that runs ``policy``, joined by a rendezvous exchange (in one process a request reaches
+        the policy without a trip through the scheduler), placed in a worker process by default::
+
+            collector = p.add_collector("collect", env, explore_policy, frames_per_chunk=64, total_frames=100_000,
+                                        weights_module=actor, replicas=4)
+            p.connect(collector.chunks, "writer.chunks", capacity=1)
+            p.add_hook(EpsilonAnnealing(explore), group=collector.group)
+
+        ``weights_from``: the stage whose ``weights`` output feeds the policy (a lossy latest-value edge, made here;
+        None: the policy keeps its weights). ``weights_module``: the part of ``policy`` those weights load into
+        (default: all of it). ``replicas``: copies of the group, each in its own worker process, with their own env
+        seeds and ``traj_id``s; ``total_frames`` is the budget of all of them together (split evenly). On-policy
+        learning (``max_policy_lag``) with replicas takes one chunk of every replica per update: connect the chunks
+        with ``join="rounds"``. ``record``: policy outputs stored in the chunks besides ``action``.
+        """
+        from streamrl.stages.env import EnvStage
+        from streamrl.stages.policy import PolicyStage
+
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+            raise PipelineError(f"add_collector({name!r}): replicas must be an int >= 1, got {replicas!r}")
+        budget = None if total_frames is None else -(-total_frames // replicas)  # each replica's share, rounded up
+        env_stage = EnvStage(f"{name}_env", env, frames_per_chunk=frames_per_chunk, total_frames=budget,
+                             record=record)
+        policy_stage = PolicyStage(f"{name}_policy", policy, weights_module=weights_module,
+                                   max_policy_lag=max_policy_lag)
+        self.add(env_stage, policy_stage, group=name)
+        self.connect(f"{env_stage.name}.policy", f"{policy_stage.name}.requests", capacity=0)
+        if weights_from is not None:
+            self.connect(f"{weights_from}.weights", f"{policy_stage.name}.weights", capacity=1, overflow="drop_oldest")
+        self.place(name, placement, replicas=replicas)
+        return Collector(name, env_stage.name, policy_stage.name, replicas)
 
     def add_hook(self, *hooks: Hook, group: str = MAIN) -> Pipeline:
         """Subscribe hooks; ``group`` runs them in that group's process (next to the stages they act on)."""
@@ -135,11 +215,18 @@ class Pipeline:
     # -- queries -------------------------------------------------------------------------------------------
     def process_of(self, stage: str) -> str:
         """The process a stage runs in: ``"main"`` or the name of its worker group."""
-        group = self.stage_group[stage]
-        return group if self.groups[group] == "worker_process" else MAIN
+        return self.process_of_group(self.stage_group[stage])
+
+    def process_of_group(self, group: str) -> str:
+        """The process a group runs in: its own (``worker_process``) or the main one (``"main"``)."""
+        return group if self.groups.get(group) == "worker_process" else MAIN
+
+    def replicas_of(self, process: str) -> int:
+        """How many processes run ``process`` ("main" or a worker group): its replicas."""
+        return self.replicas.get(process, 1) if process != MAIN else 1
 
     def hooks_in(self, process: str) -> list[Hook]:
-        return [h for h, g in self.hooks if (g if self.groups.get(g) == "worker_process" else MAIN) == process]
+        return [h for h, g in self.hooks if self.process_of_group(g) == process]
 
     def worker_groups(self) -> list[str]:
         return [g for g, p in self.groups.items() if p == "worker_process" and g in self.stage_group.values()]
@@ -150,10 +237,12 @@ class Pipeline:
         for group, placement in self.groups.items():
             members = [n for n, g in self.stage_group.items() if g == group]
             if members:
-                lines.append(f"  group {group} ({placement}): {', '.join(members)}")
+                copies = f" x {self.replicas[group]} replicas" if self.replicas.get(group, 1) > 1 else ""
+                lines.append(f"  group {group} ({placement}{copies}): {', '.join(members)}")
         for e in self.edges:
             lines.append(f"  {e.src_stage}.{e.src_port} --[{e.capacity}{' lossy' if e.overflow != 'block' else ''}]--> "
                          f"{e.dst_stage}.{e.dst_port}")
+        lines.extend(f"  {link}" for link in shared_links(self))  # stages sharing an object: writer ==[..]== sampler
         for hook, group in self.hooks:
             lines.append(f"  hook {hook.name} on {', '.join(hook.events) or '-'} ({hook.mode}, group {group})")
         return "\n".join(lines)
@@ -179,6 +268,7 @@ class Pipeline:
             used_outputs[key] = e
             inputs.setdefault((e.dst_stage, e.dst_port), []).append(e)
             src_process, dst_process = self.process_of(e.src_stage), self.process_of(e.dst_stage)
+            self._check_exchange(e, src_process, dst_process)
             if src_process != dst_process and e.capacity < 1:
                 raise PipelineError(
                     f"edge {e.name} crosses processes with capacity 0; give it capacity >= 1 so both sides can run"
@@ -187,6 +277,12 @@ class Pipeline:
                 raise PipelineError(
                     f"edge {e.name} joins two worker groups ({src_process!r} and {dst_process!r}); edges between "
                     "worker processes are not bridged: put one side in the main process or in the same group"
+                )
+            if src_process != dst_process and self.replicas_of(dst_process) > 1 and e.overflow != "drop_oldest":
+                raise PipelineError(
+                    f"edge {e.name} feeds group {dst_process!r}, which runs {self.replicas_of(dst_process)} replicas: "
+                    "an edge into replicas fans out as a latest value (each replica takes the newest item), so it "
+                    "must be lossy; connect it with overflow='drop_oldest' (as the learner's weights are)"
                 )
         for (dst, port), edges in inputs.items():
             if len({(e.capacity, e.overflow) for e in edges}) > 1:
@@ -212,8 +308,10 @@ class Pipeline:
                 raise PipelineError(
                     f"hook {hook.name!r} is placed in unknown group {group!r}; known: {list(self.groups)}"
                 )
+        self._check_replicas()
         self._check_unbuffered_cycles()
         self._check_cycles_have_a_start()
+        check_links(self)  # shared objects, weights, hook placement: streamrl.graph_checks
 
     def _check_port(self, stage: str, port: str, kind: str, edge: Edge) -> None:
         if stage not in self.stages:
@@ -227,6 +325,49 @@ class Pipeline:
                 f"connection {edge.name}: stage {stage!r} ({type(self.stages[stage]).__name__}) has no {kind} "
                 f"{port!r}; its {kind}s are {list(declared)}"
             )
+
+    def _check_replicas(self) -> None:
+        """On-policy replicas: ``max_policy_lag`` bounds each replica's lag only if the learner takes one chunk of
+        every replica per update (versions then count rounds), so their outputs must be joined in rounds."""
+        for group in self.worker_groups():
+            if self.replicas_of(group) == 1:
+                continue
+            members = [n for n, g in self.stage_group.items() if g == group]
+            if not any(getattr(self.stages[n], "max_policy_lag", None) is not None for n in members):
+                continue
+            for e in self.edges:
+                if e.src_stage in members and self.process_of(e.dst_stage) != group and e.join != "rounds":
+                    raise PipelineError(
+                        f"group {group!r} runs {self.replicas_of(group)} replicas with a max_policy_lag, but edge "
+                        f"{e.name} takes their items in arrival order: the lag then holds for no replica; connect it "
+                        f"with join='rounds' (one chunk of every replica per update), e.g. "
+                        f"p.connect('{e.src_stage}.{e.src_port}', '{e.dst_stage}.{e.dst_port}', join='rounds')"
+                    )
+
+    def _check_exchange(self, e: Edge, src_process: str, dst_process: str) -> None:
+        """An exchange port (``Stage.exchanges``: env.policy, policy.requests) joins an exchange port, in one
+        process, with blocking overflow (see :mod:`streamrl.exchange`)."""
+        src_exchange = e.src_port in self.stages[e.src_stage].exchanges
+        dst_exchange = e.dst_port in self.stages[e.dst_stage].exchanges
+        if not src_exchange and not dst_exchange:
+            return
+        if src_exchange != dst_exchange:
+            src, dst = f"{e.src_stage}.{e.src_port}", f"{e.dst_stage}.{e.dst_port}"
+            exchange, stream = (src, dst) if src_exchange else (dst, src)
+            raise PipelineError(
+                f"edge {e.name} joins {exchange}, a request/answer exchange port, to {stream}, a stream port; an "
+                f"exchange port connects to an exchange port (e.g. p.connect('env.policy', 'policy.requests', "
+                f"capacity=0))"
+            )
+        if src_process != dst_process:
+            raise PipelineError(
+                f"edge {e.name} is a request/answer exchange between processes {src_process!r} and {dst_process!r}; "
+                f"an exchange does not cross processes yet: put {e.src_stage!r} and {e.dst_stage!r} in one group "
+                f"(put env and policy in one group)"
+            )
+        if e.overflow != "block":
+            raise PipelineError(f"edge {e.name} is a request/answer exchange: every request is answered, none is "
+                                f"dropped; connect it without overflow={e.overflow!r}")
 
     def _check_unbuffered_cycles(self) -> None:
         """A cycle made only of capacity-0 (rendezvous) edges deadlocks: each stage waits for the next."""

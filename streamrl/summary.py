@@ -59,6 +59,7 @@ class RunRecorder:
         self.loss_last: float | None = None
         self.policy_version = 0
         self.lag = _MinMeanMax()  # acting policy's versions behind the learner, per chunk
+        self.lag_by_source: dict[str, _MinMeanMax] = {}  # the same, per chunk source (one per replica)
         self.batch_age = _MinMeanMax()  # versions behind the learner of the rows in a batch (replay age)
         self.last_time = 0.0
 
@@ -75,6 +76,7 @@ class RunRecorder:
             if "policy_version" in data:
                 lag = self.policy_version - data["policy_version"]
                 self.lag.add(lag, lag, lag)
+                self.lag_by_source.setdefault(event.source, _MinMeanMax()).add(lag, lag, lag)
             returns = data.get("episode_returns") or ()
             if returns:
                 self.episodes += len(returns)
@@ -96,6 +98,18 @@ class RunRecorder:
                 self.solved = True
                 self.frames_to_solve = int(data.get("frames", self.frames))
                 self.wall_s_to_solve = event.time
+
+    def lag_of(self, sources: list[str]) -> dict[str, float | None]:
+        """Policy lag (min, mean, max over chunks) of the chunks these sources published."""
+        merged = _MinMeanMax()
+        for source in sources:
+            lag = self.lag_by_source.get(source)
+            if lag is not None and lag.count:
+                merged.min = lag.min if merged.min is None else min(merged.min, lag.min)  # type: ignore[type-var]
+                merged.max = lag.max if merged.max is None else max(merged.max, lag.max)  # type: ignore[type-var]
+                merged.total += lag.total
+                merged.count += lag.count
+        return merged.as_dict()
 
     def figures(self, wall_s: float) -> dict[str, Any]:
         frames = self.frames

@@ -26,7 +26,7 @@ from streamrl.events import Event, Hook
 from streamrl.stages.base import Stage, StageContext
 
 if TYPE_CHECKING:
-    from streamrl.runtime import RunContext
+    from streamrl.execution.context import RunContext
 
 
 class ListSource(Stage):
@@ -133,8 +133,8 @@ def collection_fps(env: Any, policy: Any, *, frames: int, frames_per_chunk: int)
     ``streamrl.run`` to its return (start-up and shutdown included); for the collection benchmarks."""
     import tempfile
 
+    from streamrl.execution.main import run
     from streamrl.pipeline import Pipeline
-    from streamrl.runtime import run
     from streamrl.stages.env import EnvStage
     from streamrl.stages.policy import PolicyStage
 
@@ -142,8 +142,7 @@ def collection_fps(env: Any, policy: Any, *, frames: int, frames_per_chunk: int)
     sink = CountFrames("sink")  # env steps x envs (chunk.numel())
     p.add(EnvStage("env", env, frames_per_chunk=frames_per_chunk, total_frames=frames), PolicyStage("policy", policy),
           sink)
-    p.connect("env.requests", "policy.requests", capacity=1)
-    p.connect("policy.actions", "env.actions", capacity=1)
+    p.connect("env.policy", "policy.requests", capacity=0)
     p.connect("env.chunks", "sink.chunks", capacity=4)
     with tempfile.TemporaryDirectory() as run_dir:
         start = time.perf_counter()

@@ -38,7 +38,7 @@ def test_tiny_dqn_run_through_the_cli(tmp_path):
     assert summary["frames"] >= 3_000 and summary["exit_reason"] == "completed"
     assert summary["optim_steps"] > 0 and summary["evals"] >= 1
     assert summary["stages"]["bottleneck"] in summary["stages"]["busy_fraction"]
-    assert {"env", "policy", "writer", "sampler", "learner"} <= set(summary["stages"]["busy_fraction"])
+    assert {"collect_env", "collect_policy", "writer", "sampler", "learner"} <= set(summary["stages"]["busy_fraction"])
     assert "writer.chunks" in summary["streams"]
     config = json.loads((out / "config.json").read_text())
     assert config["config"]["seed"] == 3 and config["config"]["hidden"] == [32, 32]
@@ -116,4 +116,4 @@ def test_tiny_pixel_dqn_run_through_the_cli(tmp_path):
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["frames"] >= 256 and summary["optim_steps"] > 0 and summary["evals"] >= 1
-    assert {"env", "nstep", "writer", "learner"} <= set(summary["stages"]["busy_fraction"])
+    assert {"collect_env", "nstep", "writer", "learner"} <= set(summary["stages"]["busy_fraction"])

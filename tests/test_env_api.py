@@ -179,8 +179,7 @@ def test_env_stage_runs_an_env_with_the_tensordict_api(tmp_path):
     sink = Collect("sink")
     p = Pipeline("pixels")
     p.add(EnvStage("env", env, frames_per_chunk=8, total_frames=32), PolicyStage("policy", RandomPolicy()), sink)
-    p.connect("env.requests", "policy.requests", capacity=1)
-    p.connect("policy.actions", "env.actions", capacity=1)
+    p.connect("env.policy", "policy.requests", capacity=0)
     p.connect("env.chunks", "sink.items", capacity=2)
     result = streamrl.run(p, tmp_path, handle_signals=False)
     assert result.summary["frames"] == 32 and len(sink.items) == 4

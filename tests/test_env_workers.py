@@ -50,8 +50,7 @@ def env_workers(expected, stop, timeout=10.0):
 def collector(p, env, *, frames_per_chunk=64, total_frames=None):
     p.add(EnvStage("env", env, frames_per_chunk=frames_per_chunk, total_frames=total_frames),
           PolicyStage("policy", QValueActor(MLP(2, in_features=4, num_cells=(8,)))), group="collect")
-    p.connect("env.requests", "policy.requests", capacity=1)
-    p.connect("policy.actions", "env.actions", capacity=1)
+    p.connect("env.policy", "policy.requests", capacity=0)
     p.add(CountFrames("sink"))
     p.connect("env.chunks", "sink.chunks")
 

@@ -26,16 +26,17 @@ from tensordict import TensorDict
 from torch import nn
 
 import streamrl.cli
+import streamrl.execution.main as runtime
 import streamrl.hooks.checkpoint as checkpoint_module
-import streamrl.runtime as runtime
 from streamrl import Checkpoint, LearnerStage, Pipeline
 from streamrl.cli import _load
 from streamrl.config import apply_overrides
 from streamrl.errors import CheckpointError, ConfigError, DiskFull, NonFiniteError, StageFailed
 from streamrl.events import EventBus
+from streamrl.execution.context import RunContext
 from streamrl.hooks.checkpoint import FORMAT, audit_payload
 from streamrl.resume import load_checkpoint, restore
-from streamrl.runtime import RunContext, restore_rng, rng_state
+from streamrl.seeding import restore_rng, rng_state
 from streamrl.stages.base import Stage, StageContext
 from streamrl.summary import RunRecorder
 from streamrl.testing import ListSource

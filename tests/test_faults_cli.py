@@ -397,7 +397,7 @@ def counting_pipeline():
     p = Pipeline("counting")
     p.add(EnvStage("env", GymEnv("CartPole-v1", num_envs=2, backend="sync"), frames_per_chunk=8, total_frames=400),
           PolicyStage("policy", policy), CountFrames("sink"))
-    p.connect("env.requests", "policy.requests", capacity=1).connect("policy.actions", "env.actions", capacity=1)
+    p.connect("env.policy", "policy.requests", capacity=0)
     p.connect("env.chunks", "sink.chunks")
     p.add_hook(MetricsCSV(every_frames=16))
     return p

@@ -48,8 +48,7 @@ def collector(p, env, *, step_timeout=1.0, frames_per_chunk=16, total_frames=Non
     p.add(EnvStage("env", env, frames_per_chunk=frames_per_chunk, total_frames=total_frames,
                    step_timeout=step_timeout),
           PolicyStage("policy", QValueActor(MLP(2, in_features=4, num_cells=(8,)))), group=group)
-    p.connect("env.requests", "policy.requests", capacity=1)
-    p.connect("policy.actions", "env.actions", capacity=1)
+    p.connect("env.policy", "policy.requests", capacity=0)
 
 
 def run_hanging(tmp_path, env, **kwargs):
@@ -124,8 +123,7 @@ def test_streamrl_run_exits_with_code_1_soon_after_a_step_hangs(tmp_path):
             p = Pipeline("hang", config=cfg)
             p.add(EnvStage("env", env, frames_per_chunk=16, total_frames=cfg.total_frames, step_timeout=1.0),
                   PolicyStage("policy", QValueActor(MLP(2, in_features=4, num_cells=(8,)))), CountFrames("sink"))
-            p.connect("env.requests", "policy.requests", capacity=1)
-            p.connect("policy.actions", "env.actions", capacity=1)
+            p.connect("env.policy", "policy.requests", capacity=0)
             p.connect("env.chunks", "sink.chunks")
             return p
     """))
@@ -196,20 +194,20 @@ def test_every_write_to_a_dead_peer_comes_out_as_peer_gone():
     """The race behind "RuntimeError: unable to perform operation on <UnixTransport closed=True>": after the worker
     died, the first write fails in drain (ConnectionResetError) and closes the transport; uvloop then raises
     RuntimeError on every later write (an ack, a weights item). All of them must read as "the peer is gone"."""
-    from streamrl.placement import _Channel, _PeerGone
-    from streamrl.runtime import loop_options
+    from streamrl.execution.bridge import Channel, PeerGone
+    from streamrl.execution.process import loop_options
 
     async def main():
         ours, theirs = socket.socketpair()
         reader, writer = await asyncio.open_connection(sock=ours)
-        channel = _Channel(reader, writer)
+        channel = Channel(reader, writer)
         theirs.close()  # the worker died
         for _ in range(3):
-            with pytest.raises(_PeerGone):
+            with pytest.raises(PeerGone):
                 await channel.send(("ack", "env.chunks", 0))
-        with pytest.raises(_PeerGone):
+        with pytest.raises(PeerGone):
             channel.write(("cancel",))
-        with pytest.raises(_PeerGone):
+        with pytest.raises(PeerGone):
             await channel.receive()
         channel.close()
 
@@ -342,8 +340,7 @@ TINY = textwrap.dedent("""
                        total_frames=cfg.total_frames),
               PolicyStage("policy", QValueActor(MLP(2, in_features=4, num_cells=(8,)))), group="collect")
         p.add(CountFrames("sink"))
-        p.connect("env.requests", "policy.requests", capacity=1)
-        p.connect("policy.actions", "env.actions", capacity=1)
+        p.connect("env.policy", "policy.requests", capacity=0)
         p.connect("env.chunks", "sink.chunks")
         if cfg.placement == "worker_process":
             p.place("collect", "worker_process")

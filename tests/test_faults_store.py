@@ -25,7 +25,7 @@ import torch
 import zarr
 from tensordict import TensorDict
 
-import streamrl.runtime as runtime
+import streamrl.execution.main as runtime
 from streamrl import Checkpoint, Pipeline, ReplayBuffer, ZarrStorage
 from streamrl.cli import main
 from streamrl.errors import StageFailed, StoreDiskFull, StoreError

@@ -45,8 +45,7 @@ def run_on_policy(tmp_path, max_policy_lag, *, chunks=12, backend="sync"):
           PolicyStage("policy", actor, max_policy_lag=max_policy_lag), group="collect")
     p.add(AdvantageStage("gae", estimator), learner)
     p.place("collect", "worker_process")  # collection runs on its own core, free to run ahead of the learner
-    p.connect("env.requests", "policy.requests", capacity=1)
-    p.connect("policy.actions", "env.actions", capacity=1)
+    p.connect("env.policy", "policy.requests", capacity=0)
     p.connect("env.chunks", "gae.chunks", capacity=1)
     p.connect("gae.chunks", "learner.batches", capacity=1)
     p.connect("learner.weights", "policy.weights", capacity=1, overflow="drop_oldest")

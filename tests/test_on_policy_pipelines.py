@@ -28,7 +28,7 @@ def test_an_on_policy_pipeline_runs_through_the_cli(tmp_path, name):
     summary = json.loads((out / "summary.json").read_text())
     budget = int(next(s for s in RUNS[name] if s.startswith("total_frames=")).split("=")[1])
     assert summary["frames"] >= budget and summary["evals"] >= 1 and summary["optim_steps"] > 0
-    assert {"env", "policy", "gae", "learner"} <= set(summary["stages"]["busy_fraction"])
+    assert {"collect_env", "collect_policy", "gae", "learner"} <= set(summary["stages"]["busy_fraction"])
     assert summary["policy_version"] >= 2  # one publication per chunk trained on
     if name == "ppo_cartpole":  # strictly on-policy: the learner never trained on rows of older weights
         assert summary["batch_policy_age"]["max"] == 0

@@ -59,8 +59,7 @@ class Check(Stage):
 def collector(p: Pipeline, env: GymEnv, policy, *, frames_per_chunk=64, total_frames=None, group="collect"):
     p.add(EnvStage("env", env, frames_per_chunk=frames_per_chunk, total_frames=total_frames),
           PolicyStage("policy", policy), group=group)
-    p.connect("env.requests", "policy.requests", capacity=1)
-    p.connect("policy.actions", "env.actions", capacity=1)
+    p.connect("env.policy", "policy.requests", capacity=0)
 
 
 def children():
@@ -156,19 +155,6 @@ def test_a_worker_that_fails_right_after_its_first_chunk_still_reports_its_error
     with pytest.raises(StageFailed, match=r"stage 'env' failed: RemoteError: RuntimeError: env exploded"):
         streamrl.run(p, tmp_path, handle_signals=False)
     assert not children()
-
-
-def test_env_and_policy_in_different_processes_still_work(tmp_path):
-    """Requests cross the process boundary as objects: slow, but the env acts on the policy's answers."""
-    p = Pipeline("split")
-    p.add(EnvStage("env", GymEnv("CartPole-v1", num_envs=4), frames_per_chunk=64, total_frames=512), group="collect")
-    p.add(PolicyStage("policy", QValueActor(MLP(2, in_features=4, num_cells=(8,)))), CountFrames("sink"))
-    p.connect("env.requests", "policy.requests", capacity=1)
-    p.connect("policy.actions", "env.actions", capacity=1)
-    p.connect("env.chunks", "sink.chunks")
-    p.place("collect", "worker_process")
-    result = streamrl.run(p, tmp_path, handle_signals=False)
-    assert result.exit_reason == "completed" and result.summary["frames"] >= 512
 
 
 def test_a_hook_in_a_worker_group_can_stop_the_whole_run(tmp_path):

@@ -14,8 +14,8 @@ from tensordict import TensorDict
 
 from streamrl import ConfigError, Pipeline, RamStorage, RateLimiter, ReplayBuffer, SamplerStage, WriterStage
 from streamrl.errors import StageFailed
+from streamrl.execution.main import run_async
 from streamrl.replay.samplers import FifoSampler
-from streamrl.runtime import run_async
 from streamrl.testing import Collect, ListSource, random_chunks
 
 

@@ -106,8 +106,8 @@ def test_restore_loads_the_learner_limiter_and_store_and_epsilon_follows_frames(
     writer.buffer.attach(run_dir)  # the store's path is relative to the run dir: the writer loads it when it runs
     assert writer.buffer.limiter.inserts == saved_inserts(checkpoint)
     assert len(writer.buffer.storage) == min(checkpoint["frames"], cfg.buffer_size)
-    assert pipeline.stages["env"].frames == checkpoint["frames"]
-    assert pipeline.stages["policy"].version == saved["version"]  # acts with the restored weights' version
+    assert pipeline.stages["collect_env"].frames == checkpoint["frames"]
+    assert pipeline.stages["collect_policy"].version == saved["version"]  # acts with the restored weights' version
     with pytest.raises(ConfigError, match="no checkpoint.pt"):
         load_checkpoint(tmp_path)
 

@@ -35,8 +35,10 @@ from streamrl import (
 from streamrl.envs.base import EnvBase
 from streamrl.envs.check import check_env_specs
 from streamrl.envs.specs import Bounded, Categorical, Composite, Unbounded
+from streamrl.envs.wrappers import NoopReset, SkipFrames, StepLimit
 from streamrl.errors import EnvError
-from streamrl.runtime import RunContext
+from streamrl.execution.context import RunContext
+from streamrl.summary import RunRecorder
 from streamrl.testing import Collect, ListSource
 
 
@@ -279,7 +281,7 @@ def test_step_counter_and_reward_sum_on_chunks():
 
 def test_step_counter_max_steps_sets_gymnasiums_own_time_limit():
     env = TransformedEnv(GymEnv("CartPole-v1", backend="sync", seed=0), StepCounter(max_steps=5))
-    assert env.base_env.make_kwargs["max_episode_steps"] == 5
+    assert env.base_env.wrappers == (StepLimit(5),)
     td = env.reset()
     for step in range(1, 6):  # CartPole cannot fall within 5 steps
         td, root = env.step_and_maybe_reset(env.rand_action(td))
@@ -289,8 +291,6 @@ def test_step_counter_max_steps_sets_gymnasiums_own_time_limit():
     flags = env.rollout(5, break_when_any_done=False)["next", "truncated"].squeeze().tolist()
     assert flags == [False, False, False, False, True]
     env.close()
-    longer = TransformedEnv(GymEnv("CartPole-v1"), StepCounter(max_steps=10_000))
-    assert longer.base_env.make_kwargs["max_episode_steps"] == 500  # never longer than the registered limit
 
 
 def test_reward_scaling_double_to_float_and_cat_tensors():
@@ -312,7 +312,7 @@ def test_reward_scaling_double_to_float_and_cat_tensors():
 def test_frame_skip_and_noop_reset_configure_the_gym_envs():
     env = TransformedEnv(GymEnv("CartPole-v1", num_envs=2, backend="sync", seed=3), Compose(NoopResetEnv(5),
                                                                                            FrameSkip(2)))
-    assert env.base_env.frame_skip == 2 and env.base_env.noop_max == 5
+    assert env.base_env.wrappers == (NoopReset(5), SkipFrames(2))  # innermost first, in the order they joined
     plain = GymEnv("CartPole-v1", num_envs=2, backend="sync", seed=3)
     assert not torch.equal(env.reset()["observation"], plain.reset()["observation"])  # no-ops moved the cart
     td = env.rand_step(env.reset())
@@ -390,7 +390,8 @@ def test_evaluate_hook_writes_the_recorded_rollout_into_the_run_dir(tmp_path):
     policy = TensorDictModule(lambda obs: torch.zeros(obs.shape[0], dtype=torch.int64), ["observation"], ["action"])
     env = TransformedEnv(Frames(num_envs=2, length=4), Compose(ToTensorImage(), VideoRecorder(episodes=1)))
     hook = Evaluate(env, policy, every_frames=10, episodes=2)
-    hook.run = RunContext(tmp_path, bus=EventBus(), device=torch.device("cpu"), seed=0)
+    hook.run = RunContext(tmp_path, bus=EventBus(), device=torch.device("cpu"), seed=0, pipeline=streamrl.Pipeline(),
+                          recorder=RunRecorder())
     data = anyio.run(hook.evaluate_now, 40)
     assert data["videos"] == [str(tmp_path / "eval_40.gif")]
     with Image.open(tmp_path / "eval_40.gif") as gif:

@@ -1,6 +1,8 @@
 """Time to solve CartPole-v1 with DQN: `streamrl run pipelines/dqn_cartpole.py --seed S` for each seed.
 
-    python tools/bench_dqn.py [--seeds 0 1 2] [--set key=value ...]
+    python tools/bench_dqn.py [--seeds 0 1 2] [--set key=value ...] [--pipeline ppo_cartpole]
+
+(``--pipeline`` times another pipeline of ``pipelines/`` the same way: PPO CartPole, PPO InvertedDoublePendulum.)
 
 Runs one seed after the other (each run uses both cores: collection in a worker process, learning in the main
 one), reads each run's summary.json and prints frames and wall seconds to solve (deterministic evaluation over
@@ -22,8 +24,8 @@ KEYS = ("solved", "frames_to_solve", "wall_s_to_solve", "frames", "wall_s", "fra
         "eval_return_last", "optim_steps", "policy_lag", "exit_reason")
 
 
-def run_seed(seed: int, overrides: list[str], out: Path) -> dict:
-    cmd = [sys.executable, "-m", "streamrl.cli", "run", str(ROOT / "pipelines" / "dqn_cartpole.py"),
+def run_seed(seed: int, overrides: list[str], out: Path, pipeline: str = "dqn_cartpole") -> dict:
+    cmd = [sys.executable, "-m", "streamrl.cli", "run", str(ROOT / "pipelines" / f"{pipeline}.py"),
            "--seed", str(seed), "--out", str(out)]
     for item in overrides:
         cmd += ["--set", item]
@@ -38,12 +40,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", help="keep the run directories here (default: a temporary directory)")
+    parser.add_argument("--pipeline", default="dqn_cartpole", help="a pipeline of pipelines/, without .py")
     args = parser.parse_args()
     base = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_dqn_"))
     results = {}
     for seed in args.seeds:
-        summary = run_seed(seed, args.set, base / f"seed{seed}")
-        results[f"seed{seed}"] = {k: summary.get(k) for k in (*KEYS, "bottleneck")}
+        summary = run_seed(seed, args.set, base / f"seed{seed}", args.pipeline)
+        results[f"seed{seed}"] = {k: summary.get(k) for k in (*KEYS, "bottleneck", "replicas")}
         r = results[f"seed{seed}"]
         print(f"seed {seed}: solved={r['solved']} frames_to_solve={r['frames_to_solve']} "
               f"wall_s_to_solve={r['wall_s_to_solve']} eval_best={r['eval_return_best']} frames={r['frames']} "

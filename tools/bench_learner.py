@@ -32,10 +32,10 @@ def learn_only(module, device: str, batch_size: int, updates: int) -> tuple[floa
     cfg = apply_overrides(module.Config(), [f"device={device}", f"batch_size={batch_size}", f"total_frames={frames}",
                                             "eval_every=1_000_000_000"])
     p = module.build(cfg)
-    for name in ("env", "policy", "writer"):
+    for name in ("collect_env", "collect_policy", "writer"):
         del p.stages[name]
         del p.stage_group[name]
-    p.edges = [e for e in p.edges if {e.src_stage, e.dst_stage}.isdisjoint({"env", "policy", "writer"})]
+    p.edges = [e for e in p.edges if {e.src_stage, e.dst_stage}.isdisjoint({"collect_env", "collect_policy", "writer"})]
     sampler = p.stages["sampler"]
     replay = sampler.buffer
     replay.storage = streamrl.RamStorage(cfg.buffer_size)

@@ -70,7 +70,7 @@ def main() -> None:
     collect.stages["writer"].buffer.limiter = RateLimiter()  # nothing samples: inserts are not paced
     collect_s, collect_summary = timed(collect, args.seed)
 
-    learn = without(module.build(cfg), "env", "policy", "writer")
+    learn = without(module.build(cfg), "collect_env", "collect_policy", "writer")
     replay = learn.stages["sampler"].buffer
     replay.storage = streamrl.RamStorage(cfg.buffer_size)
     for chunk in random_chunks(args.frames // 1000, num_envs=10, steps=100):

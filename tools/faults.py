@@ -205,8 +205,7 @@ def env_step_never_returns(tmp: Path) -> dict[str, Any]:
         p = Pipeline("hang", config=cfg)
         p.add(EnvStage("env", env, frames_per_chunk=16, total_frames=cfg.total_frames, step_timeout=5.0),
               PolicyStage("policy", QValueActor(MLP(2, in_features=4, num_cells=(8,)))), CountFrames("sink"))
-        p.connect("env.requests", "policy.requests", capacity=1)
-        p.connect("policy.actions", "env.actions", capacity=1)
+        p.connect("env.policy", "policy.requests", capacity=0)
         p.connect("env.chunks", "sink.chunks")
         return p
     """)

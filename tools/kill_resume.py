@@ -38,9 +38,9 @@ from pathlib import Path
 from typing import Any
 
 from streamrl.events import Event, Hook
+from streamrl.execution.context import RunContext
 from streamrl.loader import load_module
 from streamrl.pipeline import Pipeline
-from streamrl.runtime import RunContext
 
 ROOT = Path(__file__).resolve().parents[1]
 TRACE = "stored_rows.trace"

@@ -18,7 +18,17 @@ Backends (``backend=``):
 * ``"sync"`` — ``SyncVectorEnv`` in this process, auto-reset on the *same* step (``final_obs``).
 * ``"subprocess"`` — ``AsyncVectorEnv``: one process per env, observations in shared memory; ``step_async`` /
   ``wait_ready`` let an async stage await the workers without blocking its event loop.
-* ``"auto"`` — native where the env has a vector entry point, else sync.
+* ``"auto"`` — native where the env has a vector entry point and nothing wraps the envs, else sync.
+
+What runs inside each env is set before the env opens (see :mod:`streamrl.envs.wrappers`):
+
+* ``wrappers=[NoopReset(30), SkipFrames(4), StepLimit(200)]`` (or ``env.add_wrapper(...)``): gymnasium wrappers
+  around each env, innermost first;
+* ``worker_transform=Compose(ToTensorImage(dtype=torch.uint8), GrayScale(), Resize(64, 64), CatFrames(4))``:
+  observation transforms run where each env steps (in its subprocess worker), after the wrappers and the
+  rendering. The specs and the observations are the transformed ones, and the workers share 4x64x64 frames
+  instead of 400x600x3 renders: pixel collection grows with the workers. Transforms of rewards, step counters
+  and the like stay in a :class:`~streamrl.transforms.TransformedEnv` around the GymEnv.
 
 The object is picklable before it is opened, so a stage group holding it can move to a worker process; the
 gymnasium env is created on first use in the process that uses it.
@@ -29,7 +39,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import os
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
@@ -44,6 +54,13 @@ from tensordict import TensorDict, TensorDictBase
 from streamrl.envs.base import EnvBase, as_tensordict
 from streamrl.envs.specs import Categorical, Composite, Spec, spec_from_space
 from streamrl.envs.workers import WatchWorkers, async_vector_env, raise_if_workers_died, watch_workers
+from streamrl.envs.wrappers import (
+    EnvWrapper,
+    ObservationTransform,
+    SkipFrames,
+    TransformObservations,
+    check_worker_transform,
+)
 from streamrl.errors import ConfigError, EnvError
 
 Backend = Literal["auto", "native", "sync", "subprocess"]
@@ -72,7 +89,8 @@ class GymEnv(EnvBase):
         from_pixels: bool = False,
         pixels_only: bool = True,
         frame_skip: int = 1,
-        noop_max: int = 0,
+        wrappers: Sequence[EnvWrapper] = (),
+        worker_transform: ObservationTransform | None = None,
         backend: Backend = "auto",
         device: str | torch.device = "cpu",
         seed: int | None = None,
@@ -84,13 +102,15 @@ class GymEnv(EnvBase):
             raise ConfigError(f"GymEnv({name!r}): backend must be auto/native/sync/subprocess, got {backend!r}")
         if frame_skip < 1:
             raise ConfigError(f"GymEnv({name!r}): frame_skip must be >= 1, got {frame_skip}")
+        if worker_transform is not None:
+            check_worker_transform(worker_transform, f"GymEnv({name!r})")
         self.name = name
         self.num_envs = num_envs
         self.batch_size = torch.Size([num_envs])
         self.from_pixels = from_pixels
         self.pixels_only = pixels_only
-        self.frame_skip = frame_skip
-        self.noop_max = noop_max  # > 0: 1..noop_max no-op steps after each reset (streamrl.transforms.NoopResetEnv)
+        self._wrappers: list[EnvWrapper] = [SkipFrames(frame_skip)] if frame_skip > 1 else []
+        self.worker_transform = worker_transform
         self.backend = backend
         self.device = torch.device(device)
         self.seed = seed
@@ -100,6 +120,8 @@ class GymEnv(EnvBase):
         self._current: dict[str, np.ndarray] | None = None  # the TensorDict API's latest root observations
         self._step_timeout: float | None = None
         self.autoreset: Literal["next_step", "same_step"] = "same_step"
+        for wrapper in wrappers:
+            self.add_wrapper(wrapper)
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     @property
@@ -111,24 +133,59 @@ class GymEnv(EnvBase):
             return env_id
         return self.name
 
+    @property
+    def is_open(self) -> bool:
+        """Whether the gymnasium envs exist (made on first use; :meth:`close` ends them)."""
+        return self._env is not None
+
+    @property
+    def wrappers(self) -> tuple[EnvWrapper, ...]:
+        """The wrappers around each env, innermost first (``frame_skip=`` comes first as ``SkipFrames``)."""
+        return tuple(self._wrappers)
+
+    def add_wrapper(self, wrapper: EnvWrapper) -> GymEnv:
+        """Wrap each env in ``wrapper`` too (outside those added before); only before the env opens.
+
+        ``wrapper`` is called with each gymnasium env and returns the wrapped env: :class:`NoopReset`,
+        :class:`SkipFrames`, :class:`StepLimit` from :mod:`streamrl.envs.wrappers`, a gymnasium wrapper class, a
+        ``functools.partial`` of one. It must pickle (subprocess workers and worker groups receive it).
+        """
+        if not callable(wrapper):
+            raise ConfigError(f"GymEnv({self.name!r}).add_wrapper takes a callable that wraps a gymnasium env "
+                              f"(e.g. SkipFrames(4)), got {wrapper!r}")
+        if self.is_open:
+            raise EnvError(f"GymEnv({self.name!r}) is open already: wrappers apply when its envs are made, but "
+                           f"{wrapper!r} came after. Add it before the first reset or step (in the constructor's "
+                           "wrappers=[...] for one), or close the env first")
+        if self.backend == "native":
+            raise EnvError(f"GymEnv({self.name!r}) has backend='native', whose vector envs take no wrappers; "
+                           f"to add {wrapper!r}, create it with backend='sync' or 'subprocess'")
+        self._wrappers.append(wrapper)
+        return self
+
     def _resolve_backend(self, same_step: bool) -> str:
         if self.backend != "auto":
             return self.backend
         if self.from_pixels:  # rendering is the slow part: render in worker processes
             return "subprocess" if self.num_envs > 1 else "sync"
+        if self._wrappers or self.worker_transform is not None:
+            return "sync"  # native vector envs take no wrappers
         spec = gym.spec(self.env_id)
         return "native" if spec.vector_entry_point is not None and not same_step else "sync"
 
-    def _wrappers(self) -> list[Callable[[gym.Env], gym.Wrapper]]:  # type: ignore[type-arg]
-        wrappers: list[Callable[[gym.Env], gym.Wrapper]] = []  # type: ignore[type-arg]
-        if getattr(self, "noop_max", 0) > 0:  # innermost: the no-ops are single raw steps
-            from streamrl.transforms.episode import NoopResetWrapper
+    @property
+    def _observation_key(self) -> str:
+        """The key of an observation that is not a dict."""
+        return "pixels" if self.from_pixels and self.pixels_only else "observation"
 
-            wrappers.append(partial(NoopResetWrapper, noops=self.noop_max))
-        if self.frame_skip > 1:
-            wrappers.append(partial(FrameSkipWrapper, skip=self.frame_skip))
+    def _env_wrappers(self) -> list[EnvWrapper]:
+        """What wraps each env: the wrappers, the rendering, then the worker transform."""
+        wrappers = list(self._wrappers)
         if self.from_pixels:
             wrappers.append(partial(AddRenderObservation, render_only=self.pixels_only, obs_key="observation"))
+        if self.worker_transform is not None:
+            wrappers.append(partial(TransformObservations, transform=self.worker_transform,
+                                    key=self._observation_key, parent_pid=os.getpid()))
         return wrappers
 
     def open(self, *, same_step: bool = False) -> GymEnv:
@@ -153,9 +210,10 @@ class GymEnv(EnvBase):
                 _headless_sdl()
         try:
             if backend == "native":
-                if self.from_pixels or self.frame_skip > 1:
-                    raise EnvError(f"GymEnv({self.name!r}): from_pixels and frame_skip need backend 'sync' or "
-                                   "'subprocess' (gymnasium's native vector envs take no wrappers)")
+                if self.from_pixels or self._wrappers or self.worker_transform is not None:
+                    raise EnvError(f"GymEnv({self.name!r}): from_pixels, wrappers, frame_skip and worker_transform "
+                                   "need backend 'sync' or 'subprocess' (gymnasium's native vector envs take no "
+                                   "wrappers)")
                 self._env = gym.make_vec(self.env_id, num_envs=self.num_envs, vectorization_mode="vector_entry_point",
                                          **make_kwargs)
             else:
@@ -164,7 +222,7 @@ class GymEnv(EnvBase):
                 if mode == "async":
                     kwargs["shared_memory"] = True  # type: ignore[assignment]
                 self._env = gym.make_vec(self.env_id, num_envs=self.num_envs, vectorization_mode=mode,
-                                         vector_kwargs=kwargs, wrappers=self._wrappers(), **make_kwargs)
+                                         vector_kwargs=kwargs, wrappers=self._env_wrappers(), **make_kwargs)
         except gym.error.Error as exc:
             raise EnvError(f"cannot make gymnasium env {self.name!r} with backend {backend!r}: {exc}") from exc
         # worker deaths, errors and hangs name the env and the worker
@@ -222,7 +280,7 @@ class GymEnv(EnvBase):
         spec = spec_from_space(self.open()._env.single_observation_space)
         if isinstance(spec, Composite):
             return spec
-        return Composite({"pixels" if self.from_pixels and self.pixels_only else "observation": spec})
+        return Composite({self._observation_key: spec})
 
     @property
     def action_spec(self) -> Spec:
@@ -235,7 +293,7 @@ class GymEnv(EnvBase):
     def _keyed(self, obs: Any) -> dict[str, np.ndarray]:
         if isinstance(obs, dict):
             return {k: np.asarray(v) for k, v in obs.items()}
-        return {"pixels" if self.from_pixels and self.pixels_only else "observation": np.asarray(obs)}
+        return {self._observation_key: np.asarray(obs)}
 
     def _tensors(self, arrays: dict[str, Any]) -> TensorDict:
         return as_tensordict(arrays, self.batch_size, self.device)
@@ -405,23 +463,6 @@ class GymWrapper(GymEnv):
 
     def __getstate__(self) -> dict[str, Any]:
         return self.__dict__.copy()
-
-
-class FrameSkipWrapper(gym.Wrapper):  # type: ignore[type-arg]
-    """Repeat each action ``skip`` times (stopping at an episode end); rewards are summed."""
-
-    def __init__(self, env: gym.Env, skip: int) -> None:  # type: ignore[type-arg]
-        super().__init__(env)
-        self.skip = skip
-
-    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
-        total = 0.0
-        for _ in range(self.skip):
-            obs, reward, terminated, truncated, info = self.env.step(action)
-            total += float(reward)
-            if terminated or truncated:
-                break
-        return obs, total, terminated, truncated, info
 
 
 def _headless_sdl() -> None:

@@ -52,8 +52,9 @@ import torch
 
 from streamrl.errors import CheckpointError, DiskFull, NonFiniteError, StageFailed
 from streamrl.events import Event, Hook
+from streamrl.execution.context import RunContext
 from streamrl.pipeline import MAIN
-from streamrl.runtime import RunContext, rng_state
+from streamrl.seeding import rng_state
 
 FORMAT = "streamrl.checkpoint/2"
 
@@ -127,6 +128,7 @@ class Checkpoint(Hook):
 
     events = ("chunk",)
     mode = "lossy"
+    main_only = True
 
     def __init__(self, *, every_frames: int | None = None, filename: str = "checkpoint.pt",
                  name: str | None = None) -> None:
@@ -155,9 +157,12 @@ class Checkpoint(Hook):
         stages = {}
         for stage in pipeline.stages.values():
             state = stage.state_dict()
-            if pipeline.process_of(stage.name) != MAIN:  # the worker's copy is ahead of ours: take what events said
-                if "frames" in state:
-                    state["frames"] = progress.get(stage.name, state["frames"])
+            process = pipeline.process_of(stage.name)
+            if process != MAIN:  # the worker's copy is ahead of ours: take what events said
+                if "frames" in state:  # replicas resume from the count of the one that collected least
+                    sources = ([f"{stage.name}[{r}]" for r in range(pipeline.replicas_of(process))]
+                               if pipeline.replicas_of(process) > 1 else [stage.name])
+                    state["frames"] = min(progress.get(source, state["frames"]) for source in sources)
                 if "version" in state:
                     state["version"] = run.recorder.policy_version
             stages[stage.name] = state

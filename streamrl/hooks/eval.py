@@ -26,7 +26,7 @@ from tensordict.nn import InteractionType, TensorDictModuleBase, set_interaction
 
 from streamrl.envs.base import EnvBase
 from streamrl.events import Event, Hook
-from streamrl.runtime import RunContext
+from streamrl.execution.context import RunContext
 from streamrl.transforms.video import video_recorders
 
 
@@ -63,6 +63,7 @@ class Evaluate(Hook):
 
     events = ("chunk",)
     mode = "lossy"
+    main_only = True
 
     def __init__(
         self,

@@ -29,8 +29,8 @@ import torch
 
 from streamrl.errors import DiskFull
 from streamrl.events import Event, Hook
+from streamrl.execution.context import RunContext
 from streamrl.rundir import on_disk_full, resume_advice
-from streamrl.runtime import RunContext
 
 
 def scalar_fields(data: dict[str, Any]) -> dict[str, Any]:
@@ -124,6 +124,7 @@ class EventLog(Hook):
 
     events = ("*", "-batch", "-loss")  # those two carry tensors only: nothing a JSON line could hold
     mode = "lossy"
+    main_only = True
     capacity = 4096
 
     def __init__(self, filename: str = "events.jsonl", *, every: dict[str, int] | None = None,
@@ -167,6 +168,7 @@ class MetricsCSV(Hook):
 
     events = ("chunk", "eval", "optim_step")
     mode = "lossy"
+    main_only = True
     capacity = 4096
     COLUMNS = ("frames", "wall_s", "frames_per_s", "episodes", "episode_return", "episode_length", "optim_steps",
                "loss", "policy_version", "batch_age_mean", "eval_return")

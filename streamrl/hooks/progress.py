@@ -14,7 +14,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from streamrl.events import Event, Hook
-from streamrl.runtime import RunContext
+from streamrl.execution.context import RunContext
 
 
 class ProgressBar(Hook):
@@ -22,6 +22,7 @@ class ProgressBar(Hook):
 
     events = ("chunk", "eval", "optim_step")
     mode = "lossy"
+    main_only = True
 
     def __init__(self, total_frames: int | None = None, *, disable: bool | None = None, name: str | None = None):
         super().__init__(name)

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from streamrl.events import Event, Hook
+from streamrl.execution.context import RunContext
 from streamrl.objectives.updaters import HardUpdate, SoftUpdate
 
 
@@ -50,7 +51,9 @@ class EpsilonAnnealing(Hook):
     """Advances an exploration schedule (``module.step(frames)``) by the frames collected (``post_steps``).
 
     It follows each collecting stage's frame count, not the chunks it saw, so a resumed run (whose env stages
-    start from the checkpoint's frames) picks the schedule up where it was.
+    start from the checkpoint's frames) picks the schedule up where it was. In a replicated group each replica
+    anneals its own copy by its frames times the number of replicas: the run's frames, when the replicas collect
+    at one pace, so ``annealing_frames`` keeps counting the run's frames.
     """
 
     events = ("chunk",)
@@ -60,8 +63,12 @@ class EpsilonAnnealing(Hook):
         super().__init__(name)
         self.module = module
         self.frames_by_source: dict[str, int] = {}
+        self.replicas = 1
+
+    async def start(self, run: RunContext) -> None:
+        self.replicas = run.pipeline.replicas_of(run.process)
 
     def on_event(self, event: Event) -> None:
         frames = event.data["frames"]
-        self.module.step(frames - self.frames_by_source.get(event.source, 0))
+        self.module.step((frames - self.frames_by_source.get(event.source, 0)) * self.replicas)
         self.frames_by_source[event.source] = frames

@@ -9,6 +9,7 @@
     cnn(torch.randn(10, 3, 32, 32)).shape                     # [10, 6400]: channels x height x width, flattened
     q_net = DuelingCnnDQNet(6, cnn_kwargs={"kernel_sizes": (6, 4, 3), "strides": (2, 2, 1)},
                             mlp_kwargs={"num_cells": (64, 64)})
+    q_net = nn.Sequential(FrameNorm(), DuelingCnnDQNet(6))    # uint8 frames in, scaled to [0, 1] inside
 
 Input sizes left as ``None`` (the default) are inferred on the first call (``LazyLinear``, ``LazyConv2d``): run
 one batch through a lazy network before handing its parameters to an optimizer or publishing its weights.
@@ -163,3 +164,27 @@ class DuelingCnnDQNet(nn.Module):
         x = self.features(input)
         advantage = self.advantage(x)
         return self.value(x) + advantage - advantage.mean(-1, keepdim=True)
+
+
+class FrameNorm(nn.Module):
+    """``(x - loc) / scale`` in float32: the first layer of a network that reads frames kept as uint8.
+
+    Frames stored raw take a quarter of the memory of float32 ones in replay and between processes; the
+    conversion happens here, on the learner's and the policy's device. The default divides by 255 (0..255 becomes
+    0..1); ``loc``/``scale`` measured on the frames (their mean and std) standardize them instead. Both are
+    buffers: they travel with the weights and the checkpoints.
+    """
+
+    loc: torch.Tensor
+    scale: torch.Tensor
+
+    def __init__(self, loc: float | torch.Tensor = 0.0, scale: float | torch.Tensor = 255.0) -> None:
+        super().__init__()
+        scale_t = torch.as_tensor(scale, dtype=torch.float32)
+        if not bool((scale_t > 0).all()):
+            raise ConfigError(f"FrameNorm: scale must be > 0, got {scale!r}")
+        self.register_buffer("loc", torch.as_tensor(loc, dtype=torch.float32).clone())
+        self.register_buffer("scale", scale_t.clone())
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return (input.to(torch.float32) - self.loc) / self.scale

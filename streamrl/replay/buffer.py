@@ -32,8 +32,7 @@ from tensordict import TensorDict, TensorDictBase
 
 from streamrl.replay.ratelimit import RateLimiter
 from streamrl.replay.samplers import FifoSampler, Sampler, SamplerWithoutReplacement, UniformSampler
-from streamrl.replay.storage import RamStorage
-from streamrl.replay.zarr_store import ZarrStorage
+from streamrl.replay.storage import Storage
 
 
 def transitions(data: TensorDictBase) -> TensorDictBase:
@@ -49,7 +48,7 @@ class ReplayBuffer:
 
     def __init__(
         self,
-        storage: RamStorage | ZarrStorage,
+        storage: Storage,
         *,
         sampler: Sampler | None = None,
         batch_size: int = 256,
@@ -65,8 +64,7 @@ class ReplayBuffer:
 
     def attach(self, run_dir: Path) -> None:
         """Resolve the storage's path against the run directory, then load a state that waited for it."""
-        if isinstance(self.storage, ZarrStorage):
-            self.storage.attach(run_dir)
+        self.storage.attach(run_dir)
         if self._restored is not None:
             self._load(self._restored)
             self._restored = None  # kept until loaded: a checkpoint after a failed load saves it unchanged
@@ -111,9 +109,7 @@ class ReplayBuffer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; with a zarr store at a path relative to a run directory not attached yet, at
         :meth:`attach`."""
-        path = state["storage"].get("path")
-        if isinstance(self.storage, ZarrStorage) and self.storage.run_dir is None and not (
-                path is not None and Path(path).is_absolute()):
+        if self.storage.needs_run_dir(state["storage"]):
             self._restored = state
         else:
             self._load(state)
@@ -130,7 +126,7 @@ class ReplayBuffer:
     def _forget(self, lost: int) -> None:
         """The store lacks the newest ``lost`` rows the state counted: follow the store (module docstring)."""
         limiter, storage = self.limiter, self.storage
-        warnings.warn(f"the replay store at {getattr(storage, 'path', None)} holds {storage.total_written} rows, "
+        warnings.warn(f"the replay store at {storage.path} holds {storage.total_written} rows, "
                       f"{lost} fewer than the checkpoint counts (it was damaged and repaired, or the checkpoint "
                       "counted rows before they were committed); the run goes on with the rows it holds",
                       stacklevel=3)

@@ -68,8 +68,7 @@ def _oldest_first(storage: Any) -> torch.Tensor:
 
 def _columns_oldest_first(storage: Any, keys: list[Any]) -> list[np.ndarray]:
     """Stored columns, oldest row first: read in place from a RAM ring, else gathered (all keys) by ``get``."""
-    ram = getattr(storage, "ram", None) or storage  # a ZarrStorage keeps its RAM ring (in_ram=True) in .ram
-    data = getattr(ram, "data", None)
+    data = storage.ram_rows  # None: not every row is in RAM (ZarrStorage(in_ram=False)), or none was written
     if data is not None:
         return [np.roll(data.get(key).numpy(), -_oldest_slot(storage), axis=0)[: len(storage)] for key in keys]
     rows = storage.get(_oldest_first(storage))

@@ -1,4 +1,4 @@
-"""Replay storages: where rows live. One narrow interface, two implementations.
+"""Replay storages: where rows live. One narrow interface (:class:`Storage`), two implementations.
 
 ::
 
@@ -9,11 +9,18 @@
 
 Storages are created lazily from the first rows: their keys (nested allowed), shapes and dtypes fix the layout.
 A storage is a ring: once ``capacity`` rows were written, new rows overwrite the oldest. Samplers draw ring slots.
+
+The buffer and the writer stage speak to any storage through :class:`Storage`, never asking which class it is.
+Its durability half (``attach``, ``pending_rows``, ``flush``, ...) is what a store on disk needs: ``RamStorage``
+implements it as no-ops (nothing is ever pending), ``ZarrStorage`` for real. A storage of your own satisfies the
+protocol by having its members; no base class is needed.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
 
 import torch
 from tensordict import TensorDict, TensorDictBase
@@ -21,8 +28,69 @@ from tensordict import TensorDict, TensorDictBase
 from streamrl.errors import ConfigError, StoreError
 
 
+class Storage(Protocol):
+    """What a replay buffer, its samplers and the writer stage need of a storage.
+
+    The ring (samplers): ``capacity``, ``cursor`` (the next slot written), ``total_written`` (rows ever written),
+    ``len`` (rows held), ``extend`` and ``get``; ``ram_rows`` is the slot-indexed TensorDict of every row when all
+    are in RAM (samplers read columns in place), else ``None``.
+
+    Durability (the writer stage): ``durable`` says whether rows go to disk at all. Rows that ``extend`` took wait
+    in RAM (``pending_rows``) until ``flush`` commits them; ``flush_due`` says a flush is worth its trip to a
+    thread now (a whole block waits, or the oldest pending row waited its time: ``commit_due``, which comes in
+    ``seconds_to_commit``). ``attach(run_dir)`` tells the storage the run directory (where a store without a path
+    goes, and what a recorded path is relative to); ``needs_run_dir(state)`` says whether loading ``state`` must
+    wait for it. ``path`` is where the rows lie on disk (``None`` in RAM). ``close`` flushes and releases.
+    """
+
+    capacity: int
+    total_written: int
+    durable: ClassVar[bool]
+
+    @property
+    def cursor(self) -> int: ...
+
+    @property
+    def path(self) -> Path | None: ...
+
+    @property
+    def pending_rows(self) -> int: ...
+
+    @property
+    def ram_rows(self) -> TensorDict | None: ...
+
+    def __len__(self) -> int: ...
+
+    def extend(self, rows: TensorDictBase) -> torch.Tensor: ...
+
+    def get(self, index: torch.Tensor) -> TensorDict: ...
+
+    def attach(self, run_dir: Path) -> None: ...
+
+    def commit_due(self) -> bool: ...
+
+    def seconds_to_commit(self) -> float: ...
+
+    def flush_due(self) -> bool: ...
+
+    def flush(self, *, partial: bool = False) -> int: ...
+
+    def needs_run_dir(self, state: dict[str, Any]) -> bool: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class RamStorage:
-    """A preallocated ring of rows in RAM (torch tensors, CPU)."""
+    """A preallocated ring of rows in RAM (torch tensors, CPU). Not durable: its :class:`Storage` durability
+    members are no-ops (no row is ever pending; a checkpoint holds the rows themselves)."""
+
+    durable: ClassVar[bool] = False
+    path: None = None
+    pending_rows = 0
 
     def __init__(self, capacity: int) -> None:
         if capacity < 1:
@@ -89,6 +157,29 @@ class RamStorage:
             assert self.data is not None
             self.data[: state["size"]] = rows
         self.cursor, self.size, self.total_written = state["cursor"], state["size"], state["total_written"]
+
+    @property
+    def ram_rows(self) -> TensorDict | None:
+        return self.data
+
+    def attach(self, run_dir: Path) -> None:
+        """Nothing lies in the run directory."""
+
+    def commit_due(self) -> bool:
+        return False
+
+    def seconds_to_commit(self) -> float:
+        return math.inf
+
+    def flush_due(self) -> bool:
+        return False
+
+    def flush(self, *, partial: bool = False) -> int:
+        """Nothing to write: every row is as durable as it gets. Returns the rows written."""
+        return self.total_written
+
+    def needs_run_dir(self, state: dict[str, Any]) -> bool:
+        return False
 
     def close(self) -> None:
         """Nothing to release."""

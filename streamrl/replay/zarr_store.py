@@ -57,7 +57,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -79,7 +79,10 @@ class ZarrStorage:
     device before its commit (durable across power loss, not only process death). ``commit_every_s``: pending
     rows are due for a commit once the oldest of them waited this long (:meth:`commit_due`); the writer stage
     commits them then, partial block or not, which bounds what ``kill -9`` loses to about that many seconds.
+    It is a :class:`~streamrl.replay.storage.Storage`.
     """
+
+    durable: ClassVar[bool] = True
 
     def __init__(self, capacity: int, *, path: str | Path | None = None, block_rows: int = 4096,
                  fsync: bool = False, in_ram: bool = True, commit_every_s: float = 0.5) -> None:
@@ -126,6 +129,11 @@ class ZarrStorage:
     @property
     def pending_rows(self) -> int:
         return self.total_written - self.committed_rows
+
+    @property
+    def ram_rows(self) -> TensorDict | None:
+        """The RAM ring's rows by slot (``in_ram=True``), else ``None``: samplers then gather with :meth:`get`."""
+        return self.ram.data if self.ram is not None else None
 
     def slots_in_order(self) -> torch.Tensor:
         """Ring slots of the rows held, oldest first (what ``get`` takes)."""
@@ -221,6 +229,10 @@ class ZarrStorage:
             return {name: column.index_select(0, slots).numpy() for name, column in _columns(self.ram.data).items()}
         first, columns, _ = self.tail
         return {name: rows[start - first:end - first] for name, rows in columns.items()}
+
+    def flush_due(self) -> bool:
+        """Whether a flush has work worth a thread hop: a whole block pending, or :meth:`commit_due`."""
+        return self.pending_rows >= self.block_rows or self.commit_due()
 
     def commit_due(self) -> bool:
         """Whether the oldest pending row has waited ``commit_every_s``: time for ``flush(partial=True)``."""
@@ -385,6 +397,12 @@ class ZarrStorage:
         if self.run_dir is not None and path.is_relative_to(os.path.abspath(self.run_dir)):
             return path.relative_to(os.path.abspath(self.run_dir)).as_posix()
         return str(path)
+
+    def needs_run_dir(self, state: dict[str, Any]) -> bool:
+        """Whether loading ``state`` waits for :meth:`attach`: its path is relative (or missing) and no run
+        directory is attached yet."""
+        path = state.get("path")
+        return self.run_dir is None and not (path is not None and Path(path).is_absolute())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Reopen the store the state names, with every row committed there (rows stored after the checkpoint

@@ -27,14 +27,17 @@ from __future__ import annotations
 import contextlib
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from streamrl.errors import PipelineError
+from streamrl.exchange import Asker, Server
 from streamrl.streams import ReceiveStream, SendStream
 
 if TYPE_CHECKING:
-    from streamrl.runtime import RunContext
+    import torch
+
+    from streamrl.execution.context import RunContext
 
 
 class Stage(ABC):
@@ -43,6 +46,7 @@ class Stage(ABC):
     inputs: ClassVar[tuple[str, ...]] = ()
     outputs: ClassVar[tuple[str, ...]] = ()
     optional: ClassVar[frozenset[str]] = frozenset()  # ports that may stay unconnected
+    exchanges: ClassVar[frozenset[str]] = frozenset()  # ports that are request/answer exchanges, not streams
     source: ClassVar[bool] = False
     needs_grad: ClassVar[bool] = False  # True for stages that train; see the module docstring
 
@@ -63,6 +67,24 @@ class Stage(ABC):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
+
+    # -- links the graph checks (streamrl.graph_checks), by object identity, before anything is pickled ---------
+    def shares(self) -> tuple[object, ...]:
+        """Objects this stage uses by reference together with other stages (a replay writer and its sampler share
+        the buffer): stages sharing an object must run in one process. Default: none."""
+        return ()
+
+    def trains(self) -> tuple[torch.Tensor, ...]:
+        """The parameters this stage updates (a learner: its optimizer's). Default: none."""
+        return ()
+
+    def publishes(self) -> torch.nn.Module | None:
+        """The module whose weights this stage sends on its ``weights`` output (a learner's ``publish``)."""
+        return None
+
+    def acts_with(self) -> torch.nn.Module | None:
+        """The module this stage acts with, whose new weights it takes from its ``weights`` input (a policy)."""
+        return None
 
     @contextlib.asynccontextmanager
     async def held_for_checkpoint(self) -> AsyncIterator[None]:
@@ -86,11 +108,13 @@ class StageContext:
         self,
         stage: Stage,
         run: RunContext,
-        inputs: dict[str, ReceiveStream[Any]],
-        outputs: dict[str, SendStream[Any]],
+        inputs: Mapping[str, ReceiveStream[Any] | Server[Any, Any]],
+        outputs: Mapping[str, SendStream[Any] | Asker[Any, Any]],
+        *,
+        label: str | None = None,
     ) -> None:
         self.stage = stage
-        self.name = stage.name
+        self.name = label or stage.name  # what events, statistics and errors call it: "env[2]" in replica 2
         self.run = run
         self._inputs = inputs
         self._outputs = outputs
@@ -99,20 +123,31 @@ class StageContext:
         self.ended_at: float | None = None
 
     def input(self, port: str) -> ReceiveStream[Any]:
-        try:
-            return self._inputs[port]
-        except KeyError:
-            raise PipelineError(
-                f"stage {self.name!r} has no connected input {port!r}; connected: {sorted(self._inputs)}"
-            ) from None
+        return self._port(self._inputs, port, "input", ReceiveStream)  # type: ignore[no-any-return]
 
     def output(self, port: str) -> SendStream[Any]:
+        return self._port(self._outputs, port, "output", SendStream)  # type: ignore[no-any-return]
+
+    def server(self, port: str) -> Server[Any, Any]:
+        """The server half of an exchange input (one of the stage's ``exchanges``): see :mod:`streamrl.exchange`."""
+        return self._port(self._inputs, port, "input", Server)  # type: ignore[no-any-return]
+
+    def asker(self, port: str) -> Asker[Any, Any]:
+        """The asker half of an exchange output (one of the stage's ``exchanges``): see :mod:`streamrl.exchange`."""
+        return self._port(self._outputs, port, "output", Asker)  # type: ignore[no-any-return]
+
+    def _port(self, ports: Mapping[str, Any], port: str, kind: str, expected: type) -> Any:
         try:
-            return self._outputs[port]
+            half = ports[port]
         except KeyError:
             raise PipelineError(
-                f"stage {self.name!r} has no connected output {port!r}; connected: {sorted(self._outputs)}"
+                f"stage {self.name!r} has no connected {kind} {port!r}; connected: {sorted(ports)}"
             ) from None
+        if not isinstance(half, expected):
+            method = "server" if isinstance(half, Server) else "asker" if isinstance(half, Asker) else kind
+            raise PipelineError(f"{kind} {port!r} of stage {self.name!r} is a {type(half).__name__}, not a "
+                                f"{expected.__name__}; use ctx.{method}({port!r})")
+        return half
 
     def has_input(self, port: str) -> bool:
         return port in self._inputs

@@ -3,14 +3,15 @@
 ::
 
     env_stage = EnvStage("env", GymEnv("CartPole-v1", num_envs=8), frames_per_chunk=256, total_frames=100_000)
-    pipeline.connect("env.requests", "policy.requests", capacity=1)
-    pipeline.connect("policy.actions", "env.actions", capacity=1)
+    pipeline.connect("env.policy", "policy.requests", capacity=0)
     pipeline.connect("env.chunks", "writer.chunks")
 
-Each step: send the current observations to the policy, await its answer, step the envs, write the step into
-preallocated buffers (:class:`~streamrl.envs.chunks.ChunkBuilder`). Once ``frames_per_chunk`` frames are
-buffered, the stage publishes a ``chunk`` event (lockstep subscribers may edit the chunk, as TorchRL's
-``batch_process`` hooks do) and sends the chunk downstream. It stops when ``total_frames`` frames were emitted
+Each step: ask the policy for actions (a :class:`~streamrl.stages.policy.PolicyRequest` on the ``policy``
+exchange port; with ``capacity=0`` and the policy in this process, a direct hand-off: see
+:mod:`streamrl.exchange`), step the envs, write the step into preallocated buffers
+(:class:`~streamrl.envs.chunks.ChunkBuilder`). Once ``frames_per_chunk`` frames are buffered, the stage publishes
+a ``chunk`` event (lockstep subscribers may edit the chunk, as TorchRL's ``batch_process`` hooks do) and sends
+the chunk downstream. It stops when ``total_frames`` frames were emitted
 or when a stop is requested, at a chunk boundary.
 
 Liveness: every ``reset`` and ``step`` of the env must return within ``step_timeout`` seconds (default 60; None:
@@ -20,10 +21,17 @@ answer are killed; a call stuck in a thread of this process is left behind in a 
 cannot be killed; it does not keep the process from exiting); a call on the event loop's thread (the fast path of
 in-process vector envs) is interrupted. See :mod:`streamrl.envs.deadlines`.
 
-Double buffering: two env stages (``group=0`` and ``group=1``) may share one policy stage; while one group waits
-for inference the other steps its envs. That pays off when envs step in subprocesses (``backend="subprocess"``:
-the stage awaits the workers without blocking the loop) or inference runs on a GPU. For in-process vector envs a
-single group is faster.
+Double buffering: two env stages (``group=0`` and ``group=1``) may ask one policy stage (connect both to
+``policy.requests``); while one group waits for inference the other steps its envs. That pays off when envs step
+in subprocesses (``backend="subprocess"``: the stage awaits the workers without blocking the loop) or inference
+runs on a GPU. For in-process vector envs a single group is faster.
+
+Seeds and episode ids: the envs are seeded with ``env.seed`` (or, when it is None, the run's seed) plus
+``7919 * group``, ``104729 * segment`` (the resumes so far) and ``1000003 * replica`` (``ctx.run.replica``: which
+replica of a replicated group runs the stage; 0 when not replicated), so that no two replicas, groups or resumed
+segments replay the same episodes. Episode ids (``traj_id``) count up from
+``(segment << 40) | (replica << 32) | (group << 28)``: unique in a replay store across resumes, replicas and
+groups (up to 2**28 episodes per group and segment).
 """
 
 from __future__ import annotations
@@ -42,19 +50,20 @@ from streamrl.envs.chunks import ChunkBuilder, TensorDictChunkBuilder
 from streamrl.envs.deadlines import CallInterrupted, CallThread, CallTimedOut, LoopDeadline
 from streamrl.envs.gym import GymEnv
 from streamrl.envs.workers import describe_workers, kill_unanswered
-from streamrl.errors import ConfigError, EnvStepTimeout, WouldBlock
+from streamrl.errors import ConfigError, EnvStepTimeout
 from streamrl.stages.base import Stage, StageContext
-from streamrl.stages.policy import StepRequest
+from streamrl.stages.policy import PolicyRequest
 
 log = structlog.get_logger("streamrl.stages.env")
+REPLICA_SEED_STRIDE = 1_000_003  # a prime: replica r's envs are seeded r * this apart
 SUBPROCESS_MARGIN = 2.0  # extra seconds a thread waits on subprocess workers, so that their own timeout reports first
 
 
 class EnvStage(Stage):
     """Steps ``env`` and emits chunks of ``frames_per_chunk`` frames; see the module docstring."""
 
-    inputs = ("actions",)
-    outputs = ("requests", "chunks")
+    outputs = ("policy", "chunks")
+    exchanges = frozenset({"policy"})
     source = True
 
     def __init__(
@@ -72,6 +81,9 @@ class EnvStage(Stage):
         if step_timeout is not None and (isinstance(step_timeout, bool) or not step_timeout > 0):
             raise ConfigError(f"EnvStage {name!r}: step_timeout must be a number of seconds > 0 (or None: no limit), "
                               f"got {step_timeout!r}")
+        if isinstance(group, bool) or not isinstance(group, int) or not 0 <= group < 16:
+            raise ConfigError(f"EnvStage {name!r}: group must be an int in [0, 16) (it sets seeds and traj_ids "
+                              f"apart), got {group!r}")
         if total_frames is not None and (isinstance(total_frames, bool) or total_frames < 1):
             raise ConfigError(f"EnvStage {name!r}: total_frames must be >= 1 (or None: no budget), got "
                               f"{total_frames!r}; a run of no frames has nothing to do")
@@ -88,6 +100,7 @@ class EnvStage(Stage):
         self.frames = 0
         self.chunks = 0
         self.segment = 0  # how many times the run was resumed: each segment gets fresh traj_ids and env seeds
+        self.replica = 0  # which replica of its group runs the stage (ctx.run.replica, set by run())
         self.step_timeout = step_timeout
         self._thread: CallThread | None = None  # steps the TensorDict path, made in run() (threads do not pickle)
 
@@ -119,8 +132,9 @@ class EnvStage(Stage):
         return isinstance(env, GymEnv) and list(env.observation_spec.keys()) == ["observation"]
 
     async def run(self, ctx: StageContext) -> None:
-        seed = self.env.seed if self.env.seed is not None else ctx.run.seed + 7919 * self.group
-        seed += 104_729 * self.segment
+        seed = self.env.seed if self.env.seed is not None else ctx.run.seed
+        seed += 7919 * self.group + 104_729 * self.segment + REPLICA_SEED_STRIDE * ctx.run.replica
+        self.replica = ctx.run.replica
         gym_env = self._gym_env()
         if gym_env is not None:
             gym_env.step_timeout = self.step_timeout  # bounds the waits for its subprocess workers
@@ -157,9 +171,7 @@ class EnvStage(Stage):
     async def _step_arrays(self, ctx: StageContext, env: GymEnv, builder: ChunkBuilder,
                            deadline: LoopDeadline) -> None:
         td = TensorDict({"observation": torch.from_numpy(builder.current_obs)}, batch_size=[env.num_envs])
-        request = StepRequest(td, self.group)
-        requests = ctx.output("requests")
-        receive_answer = ctx.input("actions").receive
+        ask = ctx.asker("policy").ask
         chunks = ctx.output("chunks")
         extra_keys = [key for key in self.record if key != "action"]
         add = builder.add
@@ -169,22 +181,18 @@ class EnvStage(Stage):
         steps = self.steps_per_chunk
         timeout = self.step_timeout
         monotonic = time.monotonic
+        action_only = not extra_keys  # the policy may then act on the observation tensor alone
         while not ctx.stopping and (total is None or self.frames < total):
-            request.new_chunk = True
             first = True
-            for _ in range(steps):  # the hot loop: one policy round trip, one env step, numpy row writes
-                try:
-                    requests.send_nowait(request)  # the policy took the last request: there is room
-                except WouldBlock:
-                    await requests.send(request)
-                answer = await receive_answer()  # the same request object when the policy is in this process
+            for _ in range(steps):  # the hot loop: ask the policy, one env step, numpy row writes
+                # td wraps builder.current_obs, which every step updates in place
+                answer = await ask(PolicyRequest(td, first, action_only))
                 if first:  # weights change only at a chunk's first step
-                    request.new_chunk = first = False
+                    first = False
                     builder.version = answer.version
-                out = answer.td
-                action = out.get("action").numpy()
+                action = answer.action.numpy()
                 for key in extra_keys:
-                    builder.record(key, out.get(key).numpy())
+                    builder.record(key, answer.td.get(key).numpy())
                 if subprocess:
                     vector_env.step_async(action)
                     with anyio.move_on_after(timeout) as waiting:
@@ -220,18 +228,16 @@ class EnvStage(Stage):
             env.set_seed(seed)
             root = await thread.call(timeout, env.reset)
             builder = TensorDictChunkBuilder(env.num_envs, self.steps_per_chunk, first_traj=self.first_traj)
-            requests, receive_answer = ctx.output("requests"), ctx.input("actions").receive
+            ask = ctx.asker("policy").ask
             chunks = ctx.output("chunks")
             total = self.total_frames
             call = "step"
             while not ctx.stopping and (total is None or self.frames < total):
                 for t in range(self.steps_per_chunk):
-                    request = StepRequest(root, self.group)
-                    request.new_chunk = first = t == 0
+                    first = t == 0
                     if first:
                         before = set(root.keys())
-                    await requests.send(request)
-                    answer = await receive_answer()
+                    answer = await ask(PolicyRequest(root, first))
                     td = answer.td
                     if first:  # the policy's outputs are the same every step: decide once which are not recorded
                         builder.version = answer.version
@@ -282,8 +288,9 @@ class EnvStage(Stage):
 
     @property
     def first_traj(self) -> int:
-        """The first ``traj_id`` of this segment: ids stay unique in a replay store across resumes."""
-        return self.segment << 40
+        """The first ``traj_id`` of this segment, replica and group: ids stay unique in a replay store across
+        resumes, replicas and groups (see the module docstring)."""
+        return (self.segment << 40) | (self.replica << 32) | (self.group << 28)
 
     def state_dict(self) -> dict[str, Any]:
         """Frames and chunks so far, and the state of the env's transforms (e.g. normaliser statistics)."""

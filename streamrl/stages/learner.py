@@ -40,8 +40,8 @@ import torch
 from torch import nn
 
 from streamrl.errors import ConfigError, NonFiniteError
+from streamrl.execution.context import resolve_device
 from streamrl.replay.buffer import transitions
-from streamrl.runtime import resolve_device
 from streamrl.stages.base import Stage, StageContext
 from streamrl.stages.policy import weights_message
 
@@ -95,6 +95,12 @@ class LearnerStage(Stage):
         self.steps = 0
         self.version = 0
 
+    def trains(self) -> tuple[torch.Tensor, ...]:
+        return tuple(p for group in self.optimizer.param_groups for p in group["params"])
+
+    def publishes(self) -> nn.Module | None:
+        return self.publish
+
     async def run(self, ctx: StageContext) -> None:
         device = resolve_device(self.device)
         self.loss.to(device)
@@ -136,6 +142,7 @@ class LearnerStage(Stage):
         if self.check_finite:  # before the step: non-finite gradients never reach the weights
             self._check_finite(batch, out, grad_norm)
         if self.max_grad_norm is not None:
+            assert grad_norm is not None  # computed above whenever max_grad_norm is set
             nn.utils.clip_grads_with_norm_(self._params, self.max_grad_norm, grad_norm, foreach=True)
         self.optimizer.step()
         if self.scheduler is not None:

@@ -8,7 +8,8 @@
     pipeline.connect("env.chunks", "writer.chunks")
     pipeline.connect("sampler.batches", "learner.batches", capacity=4)   # capacity = prefetch depth
 
-The two stages share the buffer (they must run in the same process) and meet only through its rate limiter:
+The two stages share the buffer (``shares()`` returns it: ``Pipeline.validate`` refuses them in two processes,
+and ``describe`` draws ``writer ==[ReplayBuffer]== sampler``) and meet only through its rate limiter:
 the writer awaits permission to insert a chunk (counting the rows ``extend`` keeps: the ``valid`` ones), the
 sampler awaits permission to sample. Before its first insert the writer checks that the storage can serve the
 limiter (``RateLimiter.check_capacity``). When the writer's input ends, the sampler drains what the limiter still
@@ -19,7 +20,8 @@ and pending rows once the oldest of them waited ``ZarrStorage.commit_every_s`` (
 commits them while the writer waits for chunks or for the limiter). So ``kill -9`` loses at most the rows of the
 last second or the last chunk. The store is flushed and committed in ``close`` on every exit path. A checkpoint
 enters :meth:`WriterStage.held_for_checkpoint`: every pending row is committed first and no row is inserted until
-the checkpoint has read the states, so the rows a checkpoint counts are rows the store holds.
+the checkpoint has read the states, so the rows a checkpoint counts are rows the store holds. The writer speaks to
+any :class:`~streamrl.replay.storage.Storage`: a RAM storage's durability members are no-ops.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import anyio
 import torch
 
 from streamrl.replay.buffer import ReplayBuffer
-from streamrl.replay.zarr_store import ZarrStorage
+from streamrl.replay.storage import Storage
 from streamrl.stages.base import Stage, StageContext
 
 
@@ -56,20 +58,19 @@ class WriterStage(Stage):
         try:
             limiter.check_capacity(storage.capacity)
             async with anyio.create_task_group() as tasks:
-                if isinstance(storage, ZarrStorage):
+                if storage.durable:
                     tasks.start_soon(self._commit_on_time, storage)
                 async for chunk in ctx.input("chunks"):
                     ctx.extra_wait_s += await limiter.wait_insert(buffer.rows_for(chunk))
                     async with self._lock:
-                        if isinstance(storage, ZarrStorage) and storage.group is None:
-                            # the first extend creates the store (files, the RAM ring, importing zarr): off the loop
+                        if storage.total_written == 0:
+                            # the first extend allocates the storage (the RAM ring; a store's files, importing
+                            # zarr): off the loop
                             n = len(await anyio.to_thread.run_sync(buffer.extend, chunk))
                         else:
                             n = len(buffer.extend(chunk))
-                        if isinstance(storage, ZarrStorage):
-                            due = storage.commit_due()
-                            if due or storage.pending_rows >= storage.block_rows:
-                                await _flush(storage, partial=due)
+                        if storage.flush_due():
+                            await _flush(storage, partial=storage.commit_due())
                         limiter.inserted(n)
                         self.rows += n
                     if ctx.wants("stored"):
@@ -82,7 +83,7 @@ class WriterStage(Stage):
         finally:
             limiter.close_inserts()
 
-    async def _commit_on_time(self, storage: ZarrStorage) -> None:
+    async def _commit_on_time(self, storage: Storage) -> None:
         """Commit pending rows once the oldest waited ``commit_every_s``, also while no chunk comes."""
         while True:
             await anyio.sleep(storage.seconds_to_commit())
@@ -99,9 +100,12 @@ class WriterStage(Stage):
         """
         async with self._lock:
             storage = self.buffer.storage
-            if isinstance(storage, ZarrStorage) and storage.pending_rows:
+            if storage.pending_rows:
                 await _flush(storage, partial=True)
             yield
+
+    def shares(self) -> tuple[object, ...]:
+        return (self.buffer,)
 
     async def close(self, ctx: StageContext) -> None:
         self.buffer.limiter.close_inserts()
@@ -116,7 +120,7 @@ class WriterStage(Stage):
         self.buffer.load_state_dict(state["buffer"])
 
 
-async def _flush(storage: ZarrStorage, *, partial: bool) -> None:
+async def _flush(storage: Storage, *, partial: bool) -> None:
     """Flush in a worker thread (blocking file I/O never runs on the event loop)."""
     await anyio.to_thread.run_sync(functools.partial(storage.flush, partial=partial))
 
@@ -132,6 +136,9 @@ class SamplerStage(Stage):
         self.buffer = buffer
         self.batch_size = batch_size or buffer.batch_size
         self.pin_memory = pin_memory
+
+    def shares(self) -> tuple[object, ...]:
+        return (self.buffer,)
 
     async def run(self, ctx: StageContext) -> None:
         out = ctx.output("batches")

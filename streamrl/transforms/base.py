@@ -26,11 +26,17 @@ steps hold. The hooks, all optional:
   included), so a stateless transform gets a matching spec for free.
 
 Actions are passed to the base env untransformed (no inverse transforms).
+
+Where they run: in a :class:`TransformedEnv`, in the process that steps the env (the env stage's); observation
+transforms (``observation_only``: ``ToTensorImage``, ``GrayScale``, ``Resize``, ``CatFrames``, ``ObservationNorm``,
+``DoubleToFloat``, ``CatTensors``) can instead run inside each env, where it steps:
+``GymEnv(..., worker_transform=Compose(...))`` (see :mod:`streamrl.envs.wrappers`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import ClassVar
 
 import torch
 from tensordict import TensorDictBase
@@ -42,6 +48,10 @@ from streamrl.errors import ConfigError
 
 class Transform(torch.nn.Module):
     """Base class of transforms; see the module docstring."""
+
+    observation_only: ClassVar[bool] = False
+    """True when it reads and writes observation entries only, one env at a time (per-env state, if any, restarts
+    on that env's reset): such a transform can run inside the env workers (``GymEnv(worker_transform=...)``)."""
 
     def __init__(self, in_keys: Sequence[str] = (), out_keys: Sequence[str] | None = None) -> None:
         super().__init__()
@@ -85,6 +95,10 @@ class Transform(torch.nn.Module):
 
     def close(self) -> None:
         """Called when the env closes (flush files)."""
+
+    def runs_in_env_workers(self) -> bool:
+        """Whether ``GymEnv(worker_transform=...)`` can run it inside each env (see ``observation_only``)."""
+        return self.observation_only
 
     # -- specs ---------------------------------------------------------------------------------------------
     def _transform_spec(self, spec: Spec) -> Spec:
@@ -233,6 +247,9 @@ class Compose(Transform):
     def close(self) -> None:
         for t in self._items():
             t.close()
+
+    def runs_in_env_workers(self) -> bool:
+        return all(t.runs_in_env_workers() for t in self._items())
 
     def transform_observation_spec(self, spec: Composite) -> Composite:
         for t in self._items():

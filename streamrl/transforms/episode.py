@@ -14,40 +14,48 @@
 
 ``NoopResetEnv`` and ``FrameSkip`` cannot be done on a vector env from the outside: a gymnasium vector env steps
 all its envs at once, so one env cannot be stepped alone after its reset, and repeating an action across the
-batch would step envs whose episode ended on the way. Both therefore configure the base :class:`GymEnv` (its
-``noop_max`` and ``frame_skip``, applied as gymnasium wrappers in every env) and need a GymEnv that is not open
-yet. For the same reason ``StepCounter(max_steps)`` on a GymEnv also sets gymnasium's own time limit to
-``max_steps`` (when shorter than the registered one), so that the env really resets when the counter truncates.
+batch would step envs whose episode ended on the way. Both therefore add a wrapper to the base :class:`GymEnv`
+(:class:`~streamrl.envs.wrappers.NoopReset`, :class:`~streamrl.envs.wrappers.SkipFrames`, with
+``GymEnv.add_wrapper``: in every env, innermost first in the order the transforms join) and need a GymEnv that is
+not open yet. For the same reason ``StepCounter(max_steps)`` on a GymEnv also adds
+:class:`~streamrl.envs.wrappers.StepLimit` (``max_steps`` steps, counted above the frame skips added before it), so
+that the env really resets when the counter truncates. Without a transform in sight::
+
+    GymEnv("CartPole-v1", num_envs=4, backend="sync", wrappers=[NoopReset(30), SkipFrames(2), StepLimit(200)])
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any
 
-import gymnasium as gym
-import numpy as np
 import torch
 from tensordict import TensorDictBase
 
 from streamrl.envs.gym import GymEnv
 from streamrl.envs.specs import Bounded, Composite, Unbounded
+from streamrl.envs.wrappers import EnvWrapper, NoopReset, SkipFrames, StepLimit
 from streamrl.errors import ConfigError, EnvError
 from streamrl.transforms._chunks import ends_open, episode_starts, segment_cumsum
 from streamrl.transforms.base import Transform, TransformedEnv
 
 
-def _closed_gym_env(env: TransformedEnv, who: str, *, required: bool = True) -> GymEnv | None:
+def _wrap_gym_envs(transform: Transform, env: TransformedEnv, wrapper: EnvWrapper, *, required: bool = True) -> None:
+    """Add ``wrapper`` (once) to the GymEnv under ``env``, for ``transform``; a base env of another kind is an
+    error if ``required``."""
     base = env.innermost()
+    if transform.__dict__.get("_wrapped") is base:
+        return
     if not isinstance(base, GymEnv):
         if required:
-            raise EnvError(f"{who} configures the gymnasium envs inside a GymEnv; the base env is {base!r}")
-        return None
-    if base._env is not None:
-        raise EnvError(f"{who} must join the env before its GymEnv opens (it sets a gymnasium wrapper), but "
-                       f"{base!r} is already open; build TransformedEnv(GymEnv(...), {who}) before using the env")
-    return base
+            raise EnvError(f"{transform!r} configures the gymnasium envs inside a GymEnv; the base env is {base!r}")
+        return
+    if base.is_open:
+        raise EnvError(f"{transform!r} must join the env before its GymEnv opens (it sets a gymnasium wrapper), but "
+                       f"{base!r} is already open; build TransformedEnv(GymEnv(...), {transform!r}) before using "
+                       "the env")
+    base.add_wrapper(wrapper)
+    transform.__dict__["_wrapped"] = base  # not a submodule, not in the state dict
 
 
 class _PerEnv(Transform, ABC):
@@ -128,13 +136,8 @@ class StepCounter(_PerEnv):
         self.max_steps = max_steps
 
     def _attached(self, env: TransformedEnv) -> None:
-        if self.max_steps is None:
-            return
-        base = _closed_gym_env(env, f"StepCounter(max_steps={self.max_steps})", required=False)
-        if base is None:
-            return
-        limits = [self.max_steps, base.make_kwargs.get("max_episode_steps"), gym.spec(base.env_id).max_episode_steps]
-        base.make_kwargs["max_episode_steps"] = min(x for x in limits if x is not None)
+        if self.max_steps is not None:
+            _wrap_gym_envs(self, env, StepLimit(self.max_steps), required=False)
 
     def _increment(self, next_td: TensorDictBase) -> torch.Tensor:
         return torch.ones((*next_td.batch_size, 1), dtype=torch.int64, device=next_td.device)
@@ -198,12 +201,7 @@ class NoopResetEnv(Transform):
         self.random = random
 
     def _attached(self, env: TransformedEnv) -> None:
-        base = _closed_gym_env(env, f"NoopResetEnv(noops={self.noops})")
-        assert base is not None
-        if base.backend == "native":
-            raise EnvError("NoopResetEnv needs GymEnv backend 'sync' or 'subprocess' (native vector envs take no "
-                           "wrappers)")
-        base.noop_max = self.noops
+        _wrap_gym_envs(self, env, NoopReset(self.noops))
 
     def __repr__(self) -> str:
         return f"NoopResetEnv(noops={self.noops}, random={self.random})"
@@ -211,41 +209,17 @@ class NoopResetEnv(Transform):
 
 class FrameSkip(Transform):
     """Repeat every action ``frame_skip`` times, summing rewards and stopping at an episode end; runs inside each
-    gymnasium env (it multiplies the base GymEnv's ``frame_skip``)."""
+    gymnasium env (it adds ``SkipFrames(frame_skip)`` to the base GymEnv's wrappers)."""
 
     def __init__(self, frame_skip: int = 1) -> None:
         super().__init__()
         if frame_skip < 1:
             raise ConfigError(f"FrameSkip: frame_skip must be >= 1, got {frame_skip}")
         self.frame_skip = frame_skip
-        self.__dict__["_configured"] = None
 
     def _attached(self, env: TransformedEnv) -> None:
-        base = _closed_gym_env(env, f"FrameSkip({self.frame_skip})")
-        assert base is not None
-        if self.__dict__["_configured"] is base:
-            return
-        base.frame_skip *= self.frame_skip
-        self.__dict__["_configured"] = base
+        _wrap_gym_envs(self, env, SkipFrames(self.frame_skip))
 
     def __repr__(self) -> str:
         return f"FrameSkip(frame_skip={self.frame_skip})"
 
-
-class NoopResetWrapper(gym.Wrapper):  # type: ignore[type-arg]
-    """The gymnasium wrapper behind :class:`NoopResetEnv`: 1..``noops`` no-op actions after each reset (action 0,
-    or zeros for Box actions), resetting again if an episode ends during them."""
-
-    def __init__(self, env: gym.Env, noops: int) -> None:  # type: ignore[type-arg]
-        super().__init__(env)
-        self.noops = noops
-        space = env.action_space
-        self.noop_action: Any = np.zeros(space.shape, dtype=space.dtype) if isinstance(space, gym.spaces.Box) else 0
-
-    def reset(self, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
-        obs, info = self.env.reset(**kwargs)
-        for _ in range(int(self.np_random.integers(1, self.noops + 1))):
-            obs, _, terminated, truncated, info = self.env.step(self.noop_action)
-            if terminated or truncated:
-                obs, info = self.env.reset()
-        return obs, info

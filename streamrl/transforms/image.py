@@ -11,6 +11,15 @@
 
 Every transform works on any leading batch dims, and maps the spec's bounds through the same computation as the
 data, so the transformed specs hold exactly what the env writes.
+
+Frames kept as uint8 (a quarter of the float32 bytes in replay and between processes), the scaling left to the
+network's first layer (:class:`~streamrl.modules.nets.FrameNorm`), and the stack run where each env steps::
+
+    frames = Compose(ToTensorImage(dtype=torch.uint8), GrayScale(), Resize(64, 64), CatFrames(4, dim=-3))
+    env = GymEnv("CartPole-v1", num_envs=8, from_pixels=True, backend="subprocess", worker_transform=frames)
+    env.observation_spec["pixels"]          # Bounded uint8 (4, 64, 64) in [0, 255]
+
+On integer images ``GrayScale`` and ``Resize`` compute in float32 and round back to the integer dtype.
 """
 
 from __future__ import annotations
@@ -30,23 +39,43 @@ GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision.transf
 
 
 class ToTensorImage(Transform):
-    """Channels-last images ``[..., H, W, C]`` to channels-first ``[..., C, H, W]`` float32; integer images are
-    divided by 255 (uint8 0..255 becomes 0..1)."""
+    """Channels-last images ``[..., H, W, C]`` to channels-first ``[..., C, H, W]`` of ``dtype``.
 
-    def __init__(self, in_keys: Sequence[str] = ("pixels",), out_keys: Sequence[str] | None = None) -> None:
+    A floating ``dtype`` (float32, the default) divides integer images by 255 (uint8 0..255 becomes 0..1). An
+    integer ``dtype`` (``torch.uint8``) keeps the values and only moves the channels (a view, no copy): the
+    division is then the network's (:class:`~streamrl.modules.nets.FrameNorm`).
+    """
+
+    observation_only = True
+
+    def __init__(self, in_keys: Sequence[str] = ("pixels",), out_keys: Sequence[str] | None = None, *,
+                 dtype: torch.dtype = torch.float32) -> None:
         super().__init__(in_keys, out_keys)
+        self.dtype = dtype
 
     def _apply_transform(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim < 3:
             raise ValueError(f"ToTensorImage expects images [..., H, W, C], got shape {tuple(x.shape)}")
-        out = x.to(torch.float32)  # converted in the source's (channels-last) layout: one pass, no transposing copy
+        if not self.dtype.is_floating_point:
+            if x.dtype.is_floating_point:
+                raise ValueError(f"ToTensorImage(dtype={self.dtype}) keeps integer images as they are, got a "
+                                 f"{x.dtype} image; use a floating dtype for float images")
+            return x.to(self.dtype).movedim(-1, -3)
+        out = x.to(self.dtype)  # converted in the source's (channels-last) layout: one pass, no transposing copy
         if not x.dtype.is_floating_point:
             out = out.mul_(1 / 255.0) if out is not x else out / 255.0
         return out.movedim(-1, -3)
 
+    def __repr__(self) -> str:
+        extra = "" if self.dtype == torch.float32 else f", dtype={self.dtype}"
+        return f"ToTensorImage(in_keys={self.in_keys}{extra})"
+
 
 class GrayScale(Transform):
-    """RGB ``[..., 3, H, W]`` to luma ``[..., 1, H, W]``: ``0.2989 R + 0.587 G + 0.114 B``."""
+    """RGB ``[..., 3, H, W]`` to luma ``[..., 1, H, W]``: ``0.2989 R + 0.587 G + 0.114 B`` (rounded for integer
+    images)."""
+
+    observation_only = True
 
     def __init__(self, in_keys: Sequence[str] = ("pixels",), out_keys: Sequence[str] | None = None) -> None:
         super().__init__(in_keys, out_keys)
@@ -60,6 +89,9 @@ class GrayScale(Transform):
         weights = torch.tensor(GRAY_WEIGHTS, dtype=torch.float32 if not x.is_floating_point() else x.dtype,
                                device=x.device)
         gray = x.movedim(-3, -1).to(weights.dtype) @ weights  # a dot product over channels, in one pass
+        if not x.is_floating_point():
+            info = torch.iinfo(x.dtype)
+            gray = gray.round_().clamp_(info.min, info.max)
         return gray.unsqueeze(-3).to(x.dtype)
 
 
@@ -69,6 +101,8 @@ class Resize(Transform):
     ``interpolation``: ``"bilinear"`` (``align_corners=False``, no antialiasing, as ``F.interpolate``) or
     ``"nearest"``. Integer images are interpolated in float32 and rounded back.
     """
+
+    observation_only = True
 
     def __init__(self, w: int, h: int | None = None, *, interpolation: str = "bilinear",
                  in_keys: Sequence[str] = ("pixels",), out_keys: Sequence[str] | None = None) -> None:
@@ -111,6 +145,8 @@ class CatFrames(Transform):
     chunk's first row is taken as an episode start; ``forward_chunk`` instead continues the episodes that the
     previous chunk of the same stream left open.
     """
+
+    observation_only = True
 
     def __init__(self, N: int, dim: int = -3, in_keys: Sequence[str] = ("pixels",),
                  out_keys: Sequence[str] | None = None, padding: str = "same") -> None:

@@ -35,7 +35,12 @@ class ObservationNorm(Transform):
     ``standard_normal=True``: ``out = (x - loc) / scale``; otherwise ``out = x * scale + loc``. ``init_stats``
     measures the mean and std of the observations the env produces and picks ``loc``/``scale`` so that the output
     is standardized under either convention.
+
+    In the env workers (``GymEnv(worker_transform=...)``) it needs its ``loc``/``scale`` when the env opens (given,
+    or loaded from a ``state_dict``): ``init_stats`` measures through a ``TransformedEnv``.
     """
+
+    observation_only = True
 
     def __init__(self, loc: Any = None, scale: Any = None, in_keys: Sequence[str] = ("observation",),
                  out_keys: Sequence[str] | None = None, standard_normal: bool | torch.Tensor = False,
@@ -137,6 +142,8 @@ class RewardScaling(Transform):
 class DoubleToFloat(Transform):
     """float64 entries to float32: ``in_keys``, or (default) every float64 observation and the reward."""
 
+    observation_only = True  # in the env workers it converts the observations; the GymEnv makes rewards float32
+
     def __init__(self, in_keys: Sequence[str] | None = None, out_keys: Sequence[str] | None = None) -> None:
         super().__init__(in_keys or (), out_keys)
         self.all_keys = in_keys is None
@@ -167,6 +174,8 @@ class DoubleToFloat(Transform):
 
 class CatTensors(Transform):
     """Concatenate ``in_keys`` along ``dim`` into ``out_key`` (and delete them if ``del_keys``)."""
+
+    observation_only = True
 
     def __init__(self, in_keys: Sequence[str], out_key: str = "observation_vector", *, dim: int = -1,
                  del_keys: bool = True) -> None:
