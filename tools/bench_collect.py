@@ -11,8 +11,9 @@ layers of 64, tanh, greedy argmax), one torch thread each.
 * **streamrl**: ``EnvStage`` + ``PolicyStage`` + a sink stage in one event loop: env and policy joined by a
   rendezvous exchange (``capacity=0``: the env stage calls the policy's handler directly, which acts on the
   observation tensor alone), chunks to the sink by a bounded stream; the env stage records every transition into
-  chunks of 256 steps per env (TensorDicts with next observations, episode ids, step counts, policy versions). Timed from ``streamrl.run`` to its
-  return. (Chunks of 128 steps cost about 2 % more at 8 envs: per-chunk work is amortized over fewer steps.)
+  chunks of 256 steps per env (TensorDicts with next observations, episode ids, step counts, policy versions).
+  Timed from ``streamrl.run`` to its return. (Chunks of 128 steps cost about 2 % more at 8 envs: per-chunk work
+  is amortized over fewer steps.)
 
 Both sides count frames the same way: env steps x envs. (A run's summary counts transitions instead: with
 gymnasium's next-step auto-reset, the step after an episode end only resets that env and is not a transition;
