@@ -8,6 +8,7 @@ import ast
 from pathlib import Path
 
 import streamrl
+from streamrl.pipeline import _strongly_connected
 
 PACKAGE = Path(streamrl.__file__).parent
 
@@ -53,35 +54,10 @@ def import_graph() -> dict[str, set[str]]:
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """Strongly connected components with more than one module (Tarjan)."""
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    found = []
-
-    def visit(node: str) -> None:
-        index[node] = low[node] = len(index)
-        stack.append(node)
-        for nxt in graph[node]:
-            if nxt not in index:
-                visit(nxt)
-                low[node] = min(low[node], low[nxt])
-            elif nxt in stack:
-                low[node] = min(low[node], index[nxt])
-        if low[node] == index[node]:
-            component = []
-            while True:
-                member = stack.pop()
-                component.append(member)
-                if member == node:
-                    break
-            if len(component) > 1:
-                found.append(sorted(component))
-
-    for node in graph:
-        if node not in index:
-            visit(node)
-    return found
+    """Strongly connected components with more than one module (the pipeline's own Tarjan)."""
+    components = _strongly_connected({node: sorted(nxt for nxt in targets if nxt in graph)
+                                      for node, targets in graph.items()})
+    return [sorted(c) for c in components if len(c) > 1]
 
 
 def test_no_import_cycle_inside_streamrl():
