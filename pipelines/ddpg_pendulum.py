@@ -31,6 +31,7 @@ from streamrl import (
     EpsilonAnnealing,
     Evaluate,
     EventLog,
+    EveryBatch,
     GymEnv,
     LearnerStage,
     MetricsCSV,
@@ -41,7 +42,6 @@ from streamrl import (
     ReplayBuffer,
     SamplerStage,
     SoftUpdate,
-    TargetNetworkUpdate,
     TD3Loss,
     ValueOperator,
     WriterStage,
@@ -56,6 +56,8 @@ class Config:
     """Seed of torch, numpy, the envs and the evaluation envs."""
     device: str = "auto"
     """Learner device: cpu, cuda, or auto (CUDA when available)."""
+    capture: str = "auto"
+    """Learner updates: "auto" (replayed from a CUDA graph on CUDA when possible), "graph" (insist), "off" (eager)."""
     num_envs: int = 4
     """Pendulum copies stepped together in the collection process."""
     replicas: int = 1
@@ -129,7 +131,7 @@ def build_with_loss(cfg: Config, name: str, make_loss: Callable[..., DDPGLoss | 
     # Loss and optimizer: actor + critic terms, each with gradients for its own parameters only, so one Adam over
     # their sum updates the networks as separate optimizers would.
     loss = make_loss(cfg, actor, action_spec, new_critic)
-    optimizer = torch.optim.Adam(loss.parameters(), lr=cfg.lr)
+    optimizer = torch.optim.Adam(loss.parameters(), lr=cfg.lr, fused=True)
 
     # Replay: RAM, paced by a samples-per-insert rate limiter (updates_per_frame updates per collected frame).
     samples_per_insert = cfg.updates_per_frame * cfg.batch_size
@@ -141,8 +143,9 @@ def build_with_loss(cfg: Config, name: str, make_loss: Callable[..., DDPGLoss | 
                             batch_size=cfg.batch_size),
     )
 
-    learner = LearnerStage("learner", loss, optimizer, publish=actor, publish_every=cfg.publish_every,
-                           device=cfg.device)
+    learner = LearnerStage("learner", loss, optimizer, schedule=EveryBatch(publish_every=cfg.publish_every),
+                           publish=actor, target_update=SoftUpdate(loss, tau=cfg.tau), device=cfg.device,
+                           capture=cfg.capture)  # type: ignore[arg-type]
     p = Pipeline(name, config=cfg)
     collector = p.add_collector("collect", env, collect_policy, frames_per_chunk=cfg.frames_per_chunk,
                                 total_frames=cfg.total_frames, weights_module=actor, replicas=cfg.replicas,
@@ -153,7 +156,6 @@ def build_with_loss(cfg: Config, name: str, make_loss: Callable[..., DDPGLoss | 
 
     p.add_hook(EpsilonAnnealing(explore), group=collector.group)  # anneals sigma where the policy runs
     p.add_hook(
-        TargetNetworkUpdate(SoftUpdate(loss, tau=cfg.tau)),
         Evaluate(GymEnv("Pendulum-v1", num_envs=cfg.eval_episodes), actor, every_frames=cfg.eval_every,
                  episodes=cfg.eval_episodes, stop_at_return=cfg.target_return),
         ProgressBar(cfg.total_frames),

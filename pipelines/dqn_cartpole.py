@@ -27,6 +27,7 @@ from streamrl import (
     EpsilonAnnealing,
     Evaluate,
     EventLog,
+    EveryBatch,
     GymEnv,
     HardUpdate,
     LearnerStage,
@@ -39,7 +40,6 @@ from streamrl import (
     RateLimiter,
     ReplayBuffer,
     SamplerStage,
-    TargetNetworkUpdate,
     WriterStage,
     ZarrStorage,
 )
@@ -53,6 +53,8 @@ class Config:
     """Seed of torch, numpy, the envs and the evaluation envs."""
     device: str = "auto"
     """Learner device: cpu, cuda, or auto (CUDA when available)."""
+    capture: str = "auto"
+    """Learner updates: "auto" (replayed from a CUDA graph on CUDA when possible), "graph" (insist), "off" (eager)."""
     num_envs: int = 1
     """CartPole copies stepped together (gymnasium's native vector env). One is enough: collection runs in its
     own process, hidden behind the learner, which is the bottleneck."""
@@ -132,8 +134,10 @@ def build(cfg: Config) -> Pipeline:
                             batch_size=cfg.batch_size),
     )
 
-    learner = LearnerStage("learner", loss, optimizer, publish=actor, publish_every=cfg.publish_every,
-                           max_grad_norm=cfg.max_grad_norm, device=cfg.device)
+    learner = LearnerStage("learner", loss, optimizer, schedule=EveryBatch(publish_every=cfg.publish_every),
+                           publish=actor, max_grad_norm=cfg.max_grad_norm,
+                           target_update=HardUpdate(loss, every=cfg.target_update_every), device=cfg.device,
+                           capture=cfg.capture)  # type: ignore[arg-type]
     p = Pipeline("dqn_cartpole", config=cfg)
     collector = p.add_collector("collect", env, collect_policy, frames_per_chunk=cfg.frames_per_chunk,
                                 total_frames=cfg.total_frames, weights_module=actor, replicas=cfg.replicas,
@@ -144,7 +148,6 @@ def build(cfg: Config) -> Pipeline:
 
     p.add_hook(EpsilonAnnealing(explore), group=collector.group)
     p.add_hook(
-        TargetNetworkUpdate(HardUpdate(loss, every=cfg.target_update_every)),
         Evaluate(GymEnv("CartPole-v1", num_envs=cfg.eval_episodes), actor, every_frames=cfg.eval_every,
                  episodes=cfg.eval_episodes, stop_at_return=cfg.target_return),
         ProgressBar(cfg.total_frames),

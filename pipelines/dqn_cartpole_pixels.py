@@ -40,6 +40,7 @@ from streamrl import (
     EpsilonAnnealing,
     Evaluate,
     EventLog,
+    EveryBatch,
     FrameNorm,
     GymEnv,
     LearnerStage,
@@ -52,7 +53,6 @@ from streamrl import (
     ReplayBuffer,
     SamplerStage,
     SoftUpdate,
-    TargetNetworkUpdate,
     WriterStage,
 )
 from streamrl.replay.multistep import MultiStep
@@ -77,6 +77,8 @@ class Config:
     """Seed of torch, numpy, the envs and the evaluation envs."""
     device: str = "auto"
     """Learner and policy device: cpu, cuda, or auto (CUDA when available)."""
+    capture: str = "auto"
+    """Learner updates: "auto" (replayed from a CUDA graph on CUDA when possible), "graph" (insist), "off" (eager)."""
     num_envs: int = 4
     """Envs, each rendering in its own subprocess worker."""
     replicas: int = 1
@@ -173,7 +175,7 @@ def build(cfg: Config) -> Pipeline:
     collect_policy = TensorDictSequential(actor, explore)
 
     loss = DQNLoss(actor, gamma=cfg.gamma, double_dqn=True, loss="smooth_l1", in_key="pixels")
-    optimizer = torch.optim.Adam(loss.value_net.parameters(), lr=cfg.lr)
+    optimizer = torch.optim.Adam(loss.value_net.parameters(), lr=cfg.lr, fused=True)
 
     samples_per_insert = cfg.updates_per_frame * cfg.batch_size
     replay = ReplayBuffer(
@@ -182,8 +184,9 @@ def build(cfg: Config) -> Pipeline:
         limiter=RateLimiter(samples_per_insert=samples_per_insert, min_fill=cfg.min_fill,
                             tolerance=samples_per_insert * cfg.frames_per_chunk, batch_size=cfg.batch_size),
     )
-    learner = LearnerStage("learner", loss, optimizer, publish=actor, publish_every=cfg.publish_every,
-                           max_grad_norm=cfg.max_grad_norm, device=cfg.device)
+    learner = LearnerStage("learner", loss, optimizer, schedule=EveryBatch(publish_every=cfg.publish_every),
+                           publish=actor, max_grad_norm=cfg.max_grad_norm, target_update=SoftUpdate(loss, tau=cfg.tau),
+                           device=cfg.device, capture=cfg.capture)  # type: ignore[arg-type]
 
     p = Pipeline("dqn_cartpole_pixels", config=cfg)
     collector = p.add_collector("collect", env, collect_policy, frames_per_chunk=cfg.frames_per_chunk,
@@ -199,7 +202,6 @@ def build(cfg: Config) -> Pipeline:
 
     p.add_hook(EpsilonAnnealing(explore), group=collector.group)
     p.add_hook(
-        TargetNetworkUpdate(SoftUpdate(loss, tau=cfg.tau)),
         Evaluate(eval_env, actor, every_frames=cfg.eval_every, episodes=cfg.eval_episodes,
                  stop_at_return=cfg.target_return),
         ProgressBar(cfg.total_frames),

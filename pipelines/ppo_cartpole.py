@@ -29,6 +29,7 @@ from streamrl import (
     Checkpoint,
     ClipPPOLoss,
     ConfigError,
+    Epochs,
     Evaluate,
     EventLog,
     GymEnv,
@@ -49,6 +50,8 @@ class Config:
     """Seed of torch, numpy and the envs."""
     device: str = "cpu"
     """Learner device (small MLPs: the CPU is faster than a GPU round trip)."""
+    capture: str = "auto"
+    """Learner updates: "auto" (replayed from a CUDA graph on CUDA when possible), "graph" (insist), "off" (eager)."""
     num_envs: int = 8
     """CartPole copies stepped together (gymnasium's native vector env)."""
     replicas: int = 1
@@ -112,8 +115,9 @@ def build(cfg: Config) -> Pipeline:
                        loss_critic_type="l2")
         epochs, minibatch = 1, cfg.frames_per_chunk
     optimizer = torch.optim.Adam(loss.parameters(), lr=cfg.lr, fused=True)
-    learner = LearnerStage("learner", loss, optimizer, publish=actor, epochs=epochs, minibatch_size=minibatch,
-                           max_grad_norm=cfg.max_grad_norm, device=cfg.device)
+    learner = LearnerStage("learner", loss, optimizer, schedule=Epochs(epochs, minibatch), publish=actor,
+                           max_grad_norm=cfg.max_grad_norm, device=cfg.device,
+                           capture=cfg.capture)  # type: ignore[arg-type]
 
     p = Pipeline(f"{cfg.algorithm}_cartpole", config=cfg)
     if cfg.frames_per_chunk % (cfg.replicas * cfg.num_envs):

@@ -28,6 +28,7 @@ from streamrl import (
     Checkpoint,
     ClipPPOLoss,
     ConfigError,
+    Epochs,
     Evaluate,
     EventLog,
     GymEnv,
@@ -51,6 +52,8 @@ class Config:
     """Seed of torch, numpy and the envs."""
     device: str = "cpu"
     """Learner device."""
+    capture: str = "auto"
+    """Learner updates: "auto" (replayed from a CUDA graph on CUDA when possible), "graph" (insist), "off" (eager)."""
     num_envs: int = 4
     """Envs stepped together (sync vector env: the transforms need same-step resets). One policy call serves all
     of them, so four envs collect ~2.5x faster than one on a core; a chunk is still 1,000 frames."""
@@ -120,9 +123,9 @@ def build(cfg: Config) -> Pipeline:
     updates = (cfg.total_frames // cfg.frames_per_chunk) * cfg.epochs * math.ceil(cfg.frames_per_chunk
                                                                                    / cfg.minibatch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, updates), 0.0)
-    learner = LearnerStage("learner", loss, optimizer, publish=actor, epochs=cfg.epochs,
-                           minibatch_size=cfg.minibatch_size, max_grad_norm=cfg.max_grad_norm, scheduler=scheduler,
-                           device=cfg.device)
+    learner = LearnerStage("learner", loss, optimizer, schedule=Epochs(cfg.epochs, cfg.minibatch_size),
+                           publish=actor, max_grad_norm=cfg.max_grad_norm, scheduler=scheduler, device=cfg.device,
+                           capture=cfg.capture)  # type: ignore[arg-type]
 
     p = Pipeline("ppo_inverted_double_pendulum", config=cfg)
     if cfg.frames_per_chunk % (cfg.replicas * cfg.num_envs):

@@ -28,6 +28,7 @@ from streamrl import (
     Checkpoint,
     Evaluate,
     EventLog,
+    EveryBatch,
     GymEnv,
     LearnerStage,
     MetricsCSV,
@@ -41,7 +42,6 @@ from streamrl import (
     SACLoss,
     SamplerStage,
     SoftUpdate,
-    TargetNetworkUpdate,
     ValueOperator,
     WriterStage,
 )
@@ -55,6 +55,8 @@ class Config:
     """Seed of torch, numpy, the envs and the evaluation envs."""
     device: str = "auto"
     """Learner device: cpu, cuda, or auto (CUDA when available)."""
+    capture: str = "auto"
+    """Learner updates: "auto" (replayed from a CUDA graph on CUDA when possible), "graph" (insist), "off" (eager)."""
     num_envs: int = 4
     """Pendulum copies stepped together in the collection process."""
     replicas: int = 1
@@ -113,7 +115,7 @@ def build(cfg: Config) -> Pipeline:
     # Loss and optimizer: actor + critic + alpha terms, each with gradients for its own parameters only, so one
     # Adam over their sum updates every network as separate optimizers would. The loss owns the target critics.
     loss = SACLoss(actor, critics, gamma=cfg.gamma, alpha_init=cfg.alpha_init, fixed_alpha=cfg.fixed_alpha)
-    optimizer = torch.optim.Adam(loss.parameters(), lr=cfg.lr)
+    optimizer = torch.optim.Adam(loss.parameters(), lr=cfg.lr, fused=True)
 
     # Replay: RAM, paced by a samples-per-insert rate limiter (updates_per_frame updates per collected frame).
     samples_per_insert = cfg.updates_per_frame * cfg.batch_size
@@ -125,8 +127,9 @@ def build(cfg: Config) -> Pipeline:
                             batch_size=cfg.batch_size),
     )
 
-    learner = LearnerStage("learner", loss, optimizer, publish=actor, publish_every=cfg.publish_every,
-                           device=cfg.device)
+    learner = LearnerStage("learner", loss, optimizer, schedule=EveryBatch(publish_every=cfg.publish_every),
+                           publish=actor, target_update=SoftUpdate(loss, tau=cfg.tau), device=cfg.device,
+                           capture=cfg.capture)  # type: ignore[arg-type]
     p = Pipeline("sac_pendulum", config=cfg)
     # the policy samples actions (the actor's default interaction type is RANDOM)
     collector = p.add_collector("collect", env, actor, frames_per_chunk=cfg.frames_per_chunk,
@@ -137,7 +140,6 @@ def build(cfg: Config) -> Pipeline:
     p.connect("sampler.batches", "learner.batches", capacity=4)
 
     p.add_hook(
-        TargetNetworkUpdate(SoftUpdate(loss, tau=cfg.tau)),
         Evaluate(GymEnv("Pendulum-v1", num_envs=cfg.eval_episodes), actor, every_frames=cfg.eval_every,
                  episodes=cfg.eval_episodes, stop_at_return=cfg.target_return),
         ProgressBar(cfg.total_frames),

@@ -40,11 +40,13 @@ _EXPORTS: dict[str, str] = {
     "EndOfStream": "streamrl.errors",
     "EnvError": "streamrl.errors",
     "EnvStage": "streamrl.stages.env",
+    "Epochs": "streamrl.stages.learner",
     "EpsilonAnnealing": "streamrl.hooks.schedules",
     "Evaluate": "streamrl.hooks.eval",
     "Event": "streamrl.events",
     "EventBus": "streamrl.events",
     "EventLog": "streamrl.hooks.logging",
+    "EveryBatch": "streamrl.stages.learner",
     "FifoSampler": "streamrl.replay.samplers",
     "FrameNorm": "streamrl.modules.nets",
     "FrameSkip": "streamrl.transforms.episode",
@@ -108,7 +110,6 @@ _EXPORTS: dict[str, str] = {
     "TD3Loss": "streamrl.objectives.actor_critic",
     "TDLambdaEstimator": "streamrl.objectives.value",
     "TanhNormal": "streamrl.modules.distributions",
-    "TargetNetworkUpdate": "streamrl.hooks.schedules",
     "ToTensorImage": "streamrl.transforms.image",
     "Transform": "streamrl.transforms.base",
     "TransformStage": "streamrl.stages.transform",
@@ -168,7 +169,7 @@ if TYPE_CHECKING:
     from streamrl.hooks.logging import EventLog, MetricsCSV
     from streamrl.hooks.priority import PriorityUpdate
     from streamrl.hooks.progress import ProgressBar
-    from streamrl.hooks.schedules import EpsilonAnnealing, TargetNetworkUpdate
+    from streamrl.hooks.schedules import EpsilonAnnealing
     from streamrl.modules.actors import Actor, ProbabilisticActor, QValueActor, ValueOperator
     from streamrl.modules.distributions import IndependentNormal, TanhNormal
     from streamrl.modules.exploration import AdditiveGaussianModule, EGreedyModule, OrnsteinUhlenbeckModule
@@ -205,7 +206,7 @@ if TYPE_CHECKING:
     from streamrl.stages.advantage import AdvantageStage
     from streamrl.stages.base import Stage, StageContext
     from streamrl.stages.env import EnvStage
-    from streamrl.stages.learner import LearnerStage
+    from streamrl.stages.learner import Epochs, EveryBatch, LearnerStage
     from streamrl.stages.policy import PolicyAnswer, PolicyRequest, PolicyStage
     from streamrl.stages.replay import SamplerStage, WriterStage
     from streamrl.stages.transform import TransformStage
@@ -257,11 +258,13 @@ __all__ = [
     "EndOfStream",
     "EnvError",
     "EnvStage",
+    "Epochs",
     "EpsilonAnnealing",
     "Evaluate",
     "Event",
     "EventBus",
     "EventLog",
+    "EveryBatch",
     "FifoSampler",
     "FrameNorm",
     "FrameSkip",
@@ -325,7 +328,6 @@ __all__ = [
     "TD3Loss",
     "TDLambdaEstimator",
     "TanhNormal",
-    "TargetNetworkUpdate",
     "ToTensorImage",
     "Transform",
     "TransformStage",

@@ -4,6 +4,7 @@ and the Storage protocol the writer speaks to any storage through."""
 import dataclasses
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -18,11 +19,12 @@ from streamrl import (
     DQNLoss,
     EGreedyModule,
     EnvStage,
+    Epochs,
     EpsilonAnnealing,
     Evaluate,
     EventLog,
     GymEnv,
-    HardUpdate,
+    Hook,
     LearnerStage,
     MetricsCSV,
     Pipeline,
@@ -36,7 +38,6 @@ from streamrl import (
     RamStorage,
     ReplayBuffer,
     SamplerStage,
-    TargetNetworkUpdate,
     ValueOperator,
     WriterStage,
     run,
@@ -70,8 +71,21 @@ def dqn_graph(*, writer_group="main", weights=True, publish=True, placement="wor
         p.connect("learner.weights", "policy.weights", capacity=1, overflow="drop_oldest")
     p.place("collect", placement)
     p.add_hook(EpsilonAnnealing(explore), group=anneal_group)
-    p.add_hook(TargetNetworkUpdate(HardUpdate(loss)), group=target_group)
+    p.add_hook(LossWatcher(loss), group=target_group)
     return p, replay, explore
+
+
+class LossWatcher(Hook):
+    """A hook holding the learner's loss (as a logger of its figures would)."""
+
+    events = ("optim_step",)
+
+    def __init__(self, loss: torch.nn.Module) -> None:
+        super().__init__()
+        self.loss = loss
+
+    def on_event(self, event: Any) -> None:
+        """Watches only."""
 
 
 # -- the pipelines as shipped ------------------------------------------------------------------------------------
@@ -153,8 +167,8 @@ def test_a_stage_using_trained_parameters_in_another_process_fails():
     p.add(EnvStage("env", GymEnv("CartPole-v1", num_envs=1), frames_per_chunk=8, total_frames=64),
           PolicyStage("policy", actor), AdvantageStage("gae", GAE(gamma=0.99, lmbda=0.95, value_network=critic)),
           group="collect")
-    p.add(LearnerStage("learner", loss, torch.optim.Adam(loss.parameters()), publish=actor, epochs=1,
-                       minibatch_size=8))
+    p.add(LearnerStage("learner", loss, torch.optim.Adam(loss.parameters()), publish=actor,
+                       schedule=Epochs(1, 8)))
     p.connect("env.policy", "policy.requests", capacity=0)
     p.connect("env.chunks", "gae.chunks").connect("gae.chunks", "learner.batches")
     p.connect("learner.weights", "policy.weights", capacity=1, overflow="drop_oldest")
@@ -183,10 +197,10 @@ def test_placement_in_process_makes_any_group_right_for_the_hook():
 
 def test_a_hook_on_the_learners_loss_in_a_worker_group_fails():
     p, _, _ = dqn_graph(target_group="collect")
-    with pytest.raises(PipelineError, match="hook 'TargetNetworkUpdate' \\(group 'collect', a worker process\\) acts "
+    with pytest.raises(PipelineError, match="hook 'LossWatcher' \\(group 'collect', a worker process\\) acts "
                                             "on DQNLoss, which only stage 'learner'") as caught:
         p.validate()
-    assert "p.add_hook(TargetNetworkUpdate(...), group='main')" in str(caught.value)
+    assert "p.add_hook(LossWatcher(...), group='main')" in str(caught.value)
 
 
 def test_a_function_hook_is_judged_by_what_its_closure_holds():

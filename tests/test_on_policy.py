@@ -8,7 +8,7 @@ from tensordict import TensorDict
 from torch import nn
 
 import streamrl
-from streamrl import MLP, EnvStage, GymEnv, LearnerStage, Pipeline, PolicyStage, QValueActor
+from streamrl import MLP, EnvStage, Epochs, GymEnv, LearnerStage, Pipeline, PolicyStage, QValueActor
 from streamrl.stages.advantage import AdvantageStage
 
 FRAMES_PER_CHUNK = 64  # 2 envs x 32 steps
@@ -31,7 +31,7 @@ def run_on_policy(tmp_path, max_policy_lag, *, chunks=12, backend="sync"):
     actor = QValueActor(MLP(2, in_features=4, num_cells=(16,)))
     loss = SquaredQ(actor)
     learner = LearnerStage("learner", loss, torch.optim.Adam(loss.parameters(), lr=1e-3), publish=actor,
-                           epochs=3, minibatch_size=16, device="cpu")
+                           schedule=Epochs(3, 16), device="cpu")
     advantages = []
 
     def estimator(chunk):
@@ -87,8 +87,8 @@ async def test_a_chunk_without_valid_rows_still_moves_the_version_on():
 
     actor = QValueActor(MLP(2, in_features=4, num_cells=(8,)))
     loss = SquaredQ(actor)
-    learner = LearnerStage("learner", loss, torch.optim.Adam(loss.parameters()), publish=actor, epochs=2,
-                           minibatch_size=4, device="cpu")
+    learner = LearnerStage("learner", loss, torch.optim.Adam(loss.parameters()), publish=actor,
+                           schedule=Epochs(2, 4), device="cpu")
     empty = TensorDict({"observation": torch.zeros(2, 3, 4), "valid": torch.zeros(2, 3, dtype=torch.bool),
                         "policy_version": torch.zeros(2, 3, dtype=torch.int64)}, batch_size=[2, 3])
     send, receive = open_stream(2)

@@ -1,50 +1,31 @@
-"""Schedule hooks: target-network updates and exploration annealing, driven by events.
+"""Schedule hooks: exploration annealing, driven by events.
 
 ::
 
-    pipeline.add_hook(TargetNetworkUpdate(SoftUpdate(loss_fn, tau=0.01)))       # after every optimizer step
     pipeline.add_hook(EpsilonAnnealing(explore), group="collect")               # where the policy runs
+
+Target networks are not a hook: the learner updates them after each optimizer step
+(``LearnerStage(..., target_update=SoftUpdate(loss, tau=0.005))``), inside a captured update when it can.
 
 ``EpsilonAnnealing`` drives any module with a ``step(frames)`` method: ``EGreedyModule``'s epsilon,
 ``AdditiveGaussianModule``'s and ``OrnsteinUhlenbeckModule``'s sigma.
 
-Both are lockstep: the publishing stage waits for them, so the target network is updated before the next loss
-and epsilon before the next chunk. Place each hook in the group of the module it changes.
+It is lockstep: the env stage waits for it, so epsilon changes before the next chunk. Place it in the group of the
+module it changes.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Protocol
 
 from streamrl.events import Event, Hook
 from streamrl.execution.context import RunContext
-from streamrl.objectives.updaters import HardUpdate, SoftUpdate
 
 
 class Annealed(Protocol):
     """A schedule advanced by env frames (the exploration modules)."""
 
     def step(self, frames: int = 1) -> None: ...
-
-
-class TargetNetworkUpdate(Hook):
-    """Calls ``updater.step()`` after each optimizer step (TorchRL's ``post_optim`` hook point)."""
-
-    events = ("optim_step",)
-    mode = "lockstep"
-
-    def __init__(self, updater: SoftUpdate | HardUpdate, name: str | None = None) -> None:
-        super().__init__(name)
-        self.updater = updater
-
-    def on_event(self, event: Event) -> None:
-        self.updater.step()
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.updater.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.updater.load_state_dict(state)
 
 
 class EpsilonAnnealing(Hook):

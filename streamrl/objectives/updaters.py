@@ -4,9 +4,12 @@
 
     updater = SoftUpdate(loss_fn, tau=0.005)   # target <- (1 - tau) * target + tau * online
     updater = HardUpdate(loss_fn, every=500)   # target <- online, every 500th step()
-    updater.step()                             # after each optimizer step (a hook does it in a pipeline)
+    updater.step()                             # after each optimizer step
+    LearnerStage(..., target_update=updater)   # in a pipeline the learner calls it after each step
 
-``loss_fn`` is any loss exposing ``target_pairs() -> [(online, target), ...]``.
+``loss_fn`` is any loss exposing ``target_pairs() -> [(online, target), ...]``. ``captured`` says whether the
+update is pure tensor work (``apply``) that a captured learner update may replay: a soft update is, a hard update
+(a host counter decides when to copy) is not.
 """
 
 from __future__ import annotations
@@ -32,10 +35,16 @@ class SoftUpdate:
         self.tau = tau
         self.steps = 0
 
+    captured = True
+
     @torch.no_grad()
-    def step(self) -> None:
+    def apply(self) -> None:
+        """The tensor work of one step: ``target <- lerp(target, online, tau)``."""
         pairs = self.loss.target_pairs()
         torch._foreach_lerp_([t for _, t in pairs], [o.detach() for o, _ in pairs], self.tau)
+
+    def step(self) -> None:
+        self.apply()
         self.steps += 1
 
     def state_dict(self) -> dict[str, Any]:
@@ -54,6 +63,8 @@ class HardUpdate:
         self.loss = loss
         self.every = every
         self.steps = 0
+
+    captured = False
 
     @torch.no_grad()
     def step(self) -> None:

@@ -12,6 +12,17 @@
 
 In a pipeline, a writer stage and a sampler stage share one buffer; its limiter paces them.
 
+Rows on the learner's device (:mod:`streamrl.replay.device_ring`): ``mirror(device)`` creates a
+:class:`~streamrl.replay.device_ring.DeviceRing` filled with the rows the storage holds, which every later
+``extend`` writes too; ``sample_ring()`` then returns a :class:`~streamrl.replay.device_ring.RingBatch` (indices
+into the mirror, drawn on its device by a ``UniformSampler``, moved there from the host by other samplers)::
+
+    ring = rb.mirror("cuda")
+    batch = rb.sample_ring().rows()   # what rb.sample() gives for those indices, gathered on the device
+
+The storage stays the durable copy: the mirror is derived, never in ``state_dict``; a resumed buffer (a
+``load_state_dict`` after ``mirror``) refills it from the storage.
+
 Resuming: ``load_state_dict`` restores the limiter's counters, the sampler and the storage. A zarr store's path is
 recorded relative to the run directory it lies in, so such a state is loaded when the writer stage calls
 ``attach(run_dir)`` (until then ``state_dict`` returns the state as given). If the store holds fewer
@@ -30,6 +41,8 @@ from typing import Any
 import torch
 from tensordict import TensorDict, TensorDictBase
 
+from streamrl.errors import StoreError
+from streamrl.replay.device_ring import DeviceRing, DeviceSampler, RingBatch, as_batch
 from streamrl.replay.ratelimit import RateLimiter
 from streamrl.replay.samplers import FifoSampler, Sampler, SamplerWithoutReplacement, UniformSampler
 from streamrl.replay.storage import Storage
@@ -61,6 +74,7 @@ class ReplayBuffer:
         self.batch_size = batch_size
         self.limiter = limiter or RateLimiter(batch_size=batch_size)
         self._restored: dict[str, Any] | None = None  # a state waiting for attach (see the module docstring)
+        self.ring: DeviceRing | None = None  # the mirror on the learner's device (see mirror)
 
     def attach(self, run_dir: Path) -> None:
         """Resolve the storage's path against the run directory, then load a state that waited for it."""
@@ -80,8 +94,12 @@ class ReplayBuffer:
                                  f"{tuple(data.batch_size)}")
             rows = data.clone(recurse=False)
             rows.batch_size = data.batch_size[:1]  # time becomes part of each row
-            return self.storage.extend(rows)
-        return self.storage.extend(transitions(data))
+        else:
+            rows = transitions(data)
+        slots = self.storage.extend(rows)
+        if self.ring is not None:
+            self.ring.write(slots, rows)
+        return slots
 
     def rows_for(self, data: TensorDictBase) -> int:
         """How many rows :meth:`extend` will store from ``data`` (what the rate limiter counts)."""
@@ -92,16 +110,40 @@ class ReplayBuffer:
 
     def sample(self, batch_size: int | None = None) -> TensorDict:
         index, info = self.sampler.sample(self.storage, batch_size or self.batch_size)
-        batch = self.storage.get(index)
-        if self.trajectories:  # rows [B] of [T] steps -> [B, T]; per-row entries repeat along time
-            batch.batch_size = next(iter(batch.values(include_nested=True, leaves_only=True))).shape[:2]
-            info = {key: value.reshape(-1, *(1,) * (batch.batch_dims - 1)).expand(batch.batch_size)
-                    if value.ndim == 1 else value for key, value in info.items()}
-            index = index[:, None].expand(batch.batch_size)
-        batch.set("index", index)
-        for key, value in info.items():
-            batch.set(key, value)
-        return batch
+        return as_batch(self.storage.get(index), index, info, trajectories=self.trajectories)
+
+    def mirror(self, device: torch.device | str) -> DeviceRing:
+        """Mirror the rows on ``device``: a :class:`DeviceRing` filled with the rows the storage holds, written by
+        every later :meth:`extend`. Calling it again returns the mirror (a new one for another device)."""
+        ring = DeviceRing(self.storage.capacity, device, trajectories=self.trajectories)  # allocates on write
+        if self.ring is None or self.ring.device != ring.device:
+            self.ring = ring
+            self._fill_mirror()
+        return self.ring
+
+    def _fill_mirror(self) -> None:
+        """Copy the rows the storage holds into the mirror (after ``mirror``, or a resume that replaced them)."""
+        assert self.ring is not None
+        storage = self.storage
+        if len(storage):
+            slots = (storage.cursor - len(storage) + torch.arange(len(storage))) % storage.capacity
+            self.ring.write(slots, storage.get(slots))
+
+    def sample_ring(self, batch_size: int | None = None) -> RingBatch:
+        """A :class:`RingBatch` of ``batch_size`` rows of the mirror: a ``UniformSampler`` draws the indices on the
+        mirror's device without a host sync; other samplers draw on the host and the indices move there."""
+        ring = self.ring
+        if ring is None:
+            raise StoreError("ReplayBuffer.sample_ring needs a mirror on the learner's device; call "
+                             "buffer.mirror(device) first (or use sample() for host batches)")
+        n = batch_size or self.batch_size
+        if isinstance(self.sampler, DeviceSampler):
+            index, info = self.sampler.sample_on(self.storage, n, ring.device)
+        else:
+            index, info = self.sampler.sample(self.storage, n)
+            index = index.to(ring.device, non_blocking=True)
+        info = {key: value.to(ring.device, non_blocking=True) for key, value in info.items()}
+        return RingBatch(ring, index, info)
 
     def __len__(self) -> int:
         return len(self.storage)
@@ -122,6 +164,8 @@ class ReplayBuffer:
         lost = state["storage"]["total_written"] - self.storage.total_written
         if lost > 0:
             self._forget(lost)
+        if self.ring is not None:  # the storage holds other rows now: the mirror follows
+            self._fill_mirror()
 
     def _forget(self, lost: int) -> None:
         """The store lacks the newest ``lost`` rows the state counted: follow the store (module docstring)."""

@@ -34,10 +34,17 @@ class Sampler(Protocol):
 
 
 class UniformSampler:
-    """Rows drawn uniformly with replacement among the rows the storage holds."""
+    """Rows drawn uniformly with replacement among the rows the storage holds.
+
+    :meth:`sample_on` draws the same distribution on a device (for a ring mirrored there, see
+    :mod:`streamrl.replay.device_ring`) with a generator of that device, seeded once by a draw of ``generator``
+    (torch's default when None). That generator is derived state, never saved: a resumed sampler seeds a new one
+    from its restored ``generator``.
+    """
 
     def __init__(self, generator: torch.Generator | None = None) -> None:
         self.generator = generator
+        self._device_generators: dict[torch.device, torch.Generator] = {}
 
     def sample(self, storage: Any, batch_size: int) -> tuple[torch.Tensor, dict[str, Any]]:
         size = len(storage)
@@ -46,6 +53,20 @@ class UniformSampler:
         index = torch.randint(size, (batch_size,), generator=self.generator)
         if size < storage.capacity and (oldest := _oldest_slot(storage)):  # rows need not start at slot 0 (a
             index = (index + oldest) % storage.capacity  # repaired store); a full ring is uniform either way
+        return index, {}
+
+    def sample_on(self, storage: Any, batch_size: int, device: torch.device) -> tuple[torch.Tensor, dict[str, Any]]:
+        """:meth:`sample`, drawn on ``device``: no host sync (``len``, ``capacity`` and ``cursor`` are host ints)."""
+        size = len(storage)
+        if size == 0:
+            raise StoreError("cannot sample from an empty storage; wait for the first rows (min_fill)")
+        generator = self._device_generators.get(device)
+        if generator is None:  # seeded once by a CPU draw (.numpy(): no device involved)
+            seed = int(torch.randint(2**62, (), generator=self.generator).numpy())
+            generator = self._device_generators[device] = torch.Generator(device=device).manual_seed(seed)
+        index = torch.randint(size, (batch_size,), generator=generator, device=device)
+        if size < storage.capacity and (oldest := _oldest_slot(storage)):  # as in sample
+            index = (index + oldest) % storage.capacity
         return index, {}
 
     def state_dict(self) -> dict[str, Any]:

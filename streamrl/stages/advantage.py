@@ -3,8 +3,8 @@
 ::
 
     gae = GAE(gamma=0.99, lmbda=0.95, value_network=critic)       # streamrl.objectives.value
-    p.add(AdvantageStage("gae", gae), LearnerStage("learner", ppo_loss, optimizer, publish=actor, epochs=10,
-                                                   minibatch_size=64))
+    p.add(AdvantageStage("gae", gae), LearnerStage("learner", ppo_loss, optimizer, publish=actor,
+                                                   schedule=Epochs(epochs=10, minibatch_size=64)))
     p.connect("env.chunks", "gae.chunks", capacity=1)
     p.connect("gae.chunks", "learner.batches", capacity=1)
 

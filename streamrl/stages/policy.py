@@ -20,7 +20,7 @@ the learner. They are applied only at the first step of a chunk (``PolicyRequest
 transition of a chunk was produced by one known ``policy_version``.
 
 On-policy learning bounds how stale the acting weights may be. It takes a learner that publishes once per chunk
-it trained on (``LearnerStage(epochs=...)``): weights of version ``v0 + j`` (``v0``: the version at the start)
+it trained on (``LearnerStage(schedule=Epochs(...))``): weights of version ``v0 + j`` (``v0``: the version at the start)
 have learnt from ``j`` chunks. With ``max_policy_lag=k`` the stage starts its ``i``-th chunk only with weights of
 version ``>= v0 + i - k``, waiting for the learner if needed (the answer is then an awaitable the asking env stage
 awaits); the learner then trains on it at most ``k`` versions later. ``0`` is strictly on-policy (collect, learn,

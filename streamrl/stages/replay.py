@@ -22,6 +22,17 @@ last second or the last chunk. The store is flushed and committed in ``close`` o
 enters :meth:`WriterStage.held_for_checkpoint`: every pending row is committed first and no row is inserted until
 the checkpoint has read the states, so the rows a checkpoint counts are rows the store holds. The writer speaks to
 any :class:`~streamrl.replay.storage.Storage`: a RAM storage's durability members are no-ops.
+
+Device replay: a learner that runs its update from a CUDA graph wants rows already on its device. The sampler then
+mirrors the buffer there (``ReplayBuffer.mirror``) and sends :class:`~streamrl.replay.device_ring.RingBatch`
+objects (indices into the mirror; ``.rows()`` gathers the batch on the device) instead of TensorDicts.
+``SamplerStage(..., device_replay=None)`` decides on the first batch, when the row size is known: on when the device
+(``device``, else the run's) is CUDA, the rows are vector observations (no entry over 64 KiB a step: pixel rows
+stay on the host) and the mirror takes at most a quarter of the free device memory. ``True`` forces it (on CPU
+too), ``False`` never. The decision is published once as a ``replay_device`` event (``device``, ``mirrored``,
+``reason``) and kept in ``SamplerStage.mirrored``::
+
+    pipeline.add(SamplerStage("sampler", rb, device_replay=None))     # auto: RingBatch on CUDA when the rows fit
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ import anyio
 import torch
 
 from streamrl.replay.buffer import ReplayBuffer
+from streamrl.replay.device_ring import DeviceRing
 from streamrl.replay.storage import Storage
 from streamrl.stages.base import Stage, StageContext
 
@@ -125,17 +137,52 @@ async def _flush(storage: Storage, *, partial: bool) -> None:
     await anyio.to_thread.run_sync(functools.partial(storage.flush, partial=partial))
 
 
+VECTOR_STEP_BYTES = 64 * 1024  # the most bytes an entry of one step may take for auto device replay
+
+
 class SamplerStage(Stage):
-    """Samples batches from ``buffer`` as fast as the rate limiter and the ``batches`` stream allow."""
+    """Samples batches from ``buffer`` as fast as the rate limiter and the ``batches`` stream allow.
+
+    Batches are TensorDicts (pinned with ``pin_memory`` when CUDA is there), or with device replay
+    :class:`~streamrl.replay.device_ring.RingBatch` objects: see the module docstring for ``device_replay``
+    (None: auto, True, False) and ``device`` (the learner's; None: the run's).
+    """
 
     outputs = ("batches",)
 
     def __init__(self, name: str, buffer: ReplayBuffer, *, batch_size: int | None = None,
-                 pin_memory: bool = False) -> None:
+                 pin_memory: bool = False, device_replay: bool | None = None,
+                 device: torch.device | str | None = None) -> None:
         super().__init__(name)
         self.buffer = buffer
         self.batch_size = batch_size or buffer.batch_size
         self.pin_memory = pin_memory
+        self.device_replay = device_replay
+        self.device = None if device is None else torch.device(device)
+        self.mirrored: bool | None = None  # decided on the first batch
+
+    def decide(self, device: torch.device) -> tuple[bool, str]:
+        """Whether to mirror the rows on ``device``, and why (the buffer holds rows: called on the first batch)."""
+        if self.device_replay is not None:
+            return self.device_replay, f"device_replay={self.device_replay}"
+        if device.type != "cuda":
+            return False, f"the learner's device is {device}, not CUDA: batches stay TensorDicts"
+        storage = self.buffer.storage
+        newest = storage.get(torch.tensor([(storage.cursor - 1) % storage.capacity]))
+        entries = DeviceRing.entry_bytes(newest)
+        steps = 1
+        if self.buffer.trajectories:  # a row is [T] steps: judge one step
+            steps = next(iter(newest.values(include_nested=True, leaves_only=True))).shape[1]
+        key, largest = max(entries.items(), key=lambda item: item[1])
+        if largest // steps > VECTOR_STEP_BYTES:
+            return False, (f"entry {key!r} takes {largest // steps} bytes a step, more than {VECTOR_STEP_BYTES} "
+                           "(pixel rows stay on the host)")
+        need = storage.capacity * sum(entries.values())
+        free = torch.cuda.mem_get_info(device)[0]
+        if need > free // 4:
+            return False, (f"the mirror needs {need} bytes (capacity {storage.capacity} x {need // storage.capacity} "
+                           f"bytes a row), more than a quarter of the {free} bytes free on {device}")
+        return True, f"the mirror takes {need} bytes of the {free} free on {device}"
 
     def shares(self) -> tuple[object, ...]:
         return (self.buffer,)
@@ -145,15 +192,25 @@ class SamplerStage(Stage):
         limiter = self.buffer.limiter
         n = self.batch_size
         pin = self.pin_memory and torch.cuda.is_available()
+        device = self.device if self.device is not None else torch.device(ctx.run.device or "cpu")
         while True:
             waited_start = limiter.sample_wait_s
             allowed = await limiter.wait_sample(n)
             ctx.extra_wait_s += limiter.sample_wait_s - waited_start
             if not allowed:
                 return  # inserts ended and the limiter allows no more batches
-            batch = self.buffer.sample(n)
+            if self.mirrored is None:  # the first batch: the rows' size is known now
+                self.mirrored, reason = self.decide(device)
+                if self.mirrored:  # on the loop: the writer's extends then find the mirror filled
+                    self.buffer.mirror(device)
+                await ctx.publish("replay_device", device=str(device), mirrored=self.mirrored, reason=reason)
+            batch: Any
+            if self.mirrored:
+                batch = self.buffer.sample_ring(n)
+            else:
+                batch = self.buffer.sample(n)
             limiter.sampled(n)
-            if pin:
+            if pin and not self.mirrored:
                 batch = batch.pin_memory()
             await out.send(batch)
             await anyio.lowlevel.checkpoint()  # let other stages run between batches
