@@ -62,6 +62,7 @@ class RunRecorder:
         self.lag_by_source: dict[str, _MinMeanMax] = {}  # the same, per chunk source (one per replica)
         self.batch_age = _MinMeanMax()  # versions behind the learner of the rows in a batch (replay age)
         self.last_time = 0.0
+        self.learner: dict[str, Any] = {}  # how updates ran (captured or why not) and where replay rows lived
 
     @property
     def frames(self) -> int:
@@ -89,6 +90,10 @@ class RunRecorder:
                 self.batch_age.add(data["age_min"], data["age_mean"], data["age_max"])
         elif kind == "weights":
             self.policy_version = data["version"]
+        elif kind == "learner":
+            self.learner.update(device=data["device"], captured=data["captured"], capture_reason=data["reason"])
+        elif kind == "replay_device":
+            self.learner.update(replay_on_device=data["mirrored"], replay_reason=data["reason"])
         elif kind == "eval":
             self.evals += 1
             value = float(data["mean_return"])
@@ -121,6 +126,8 @@ class RunRecorder:
             "frames_per_s": round(new_frames / wall_s, 1) if wall_s > 0 else 0.0,
             "episodes": self.episodes,
             "optim_steps": self.optim_steps,
+            "optim_steps_per_s": round(self.optim_steps / wall_s, 1) if wall_s > 0 else 0.0,
+            "learner": self.learner,
             "policy_version": self.policy_version,
             "loss_last": self.loss_last,
             "eval_return_last": self.eval_return_last,

@@ -221,3 +221,15 @@ def test_capture_graph_is_refused_with_the_reason_and_auto_says_why_it_runs_eage
 def test_schedule_and_capture_arguments_are_checked(make, message):
     with pytest.raises(ConfigError, match=message.replace("(", "\\(").replace(")", "\\)")):
         make()
+
+
+def test_the_summary_says_how_the_learner_ran_and_where_replay_rows_lived(tmp_path):
+    replay = ReplayBuffer(RamStorage(256), batch_size=8)
+    p = Pipeline("dqn").add(ListSource("source", random_chunks(2, num_envs=2, steps=8)), WriterStage("writer", replay),
+                            SamplerStage("sampler", replay), dqn_learner("auto"))
+    p.connect("source.items", "writer.chunks", capacity=1)
+    p.connect("sampler.batches", "learner.batches", capacity=2)
+    summary = streamrl.run(p, tmp_path, seed=0, handle_signals=False).summary
+    assert summary["learner"] == {"device": "cpu", "captured": False, "capture_reason": "eager on cpu (graphs need "
+                                  "CUDA)", "replay_on_device": False, "replay_reason": summary["learner"]["replay_reason"]}
+    assert "CUDA" in summary["learner"]["replay_reason"] and summary["optim_steps_per_s"] > 0

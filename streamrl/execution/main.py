@@ -202,7 +202,8 @@ async def _run_validated(
         recorder.resumed_from = resume["frames"]
     # a resumed run's clock goes on from the checkpoint's, so event times and metrics rows continue
     bus = EventBus(clock_start=None if resume is None else time.perf_counter() - resume["wall_s"])
-    bus.subscribe(recorder.on_event, ("chunk", "optim_step", "weights", "eval"), name="recorder")
+    bus.subscribe(recorder.on_event, ("chunk", "optim_step", "weights", "eval", "learner", "replay_device"),
+                  name="recorder")
     run = RunContext(run_dir, bus=bus, device=resolve_device(device), seed=seed, pipeline=pipeline,
                      recorder=recorder)
     process = ProcessRun(pipeline, run)

@@ -196,6 +196,8 @@ class LearnerStage(Stage):
                     group["lr"] = torch.tensor(float(group["lr"]), device=device)
                 if device.type == "cuda":
                     group["capturable"] = True
+            if self.optimizer.state:  # restored state: place its step counters as a capturable optimizer wants
+                self.optimizer.load_state_dict(self.optimizer.state_dict())
 
     async def run(self, ctx: StageContext) -> None:
         device = resolve_device(self.device)
