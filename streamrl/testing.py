@@ -259,3 +259,116 @@ def small_disk(path: str | Path, size: str) -> Iterator[Path]:
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def _host_sync_error(what: str) -> AssertionError:
+    return AssertionError(f"host sync inside a captured region: {what}")
+
+
+def _has_bool_index(index: Any) -> bool:
+    import torch
+
+    items = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items)
+
+
+class _ForbidSyncOps:
+    """Aten ops whose result the host must read (``_local_scalar_dense`` is ``item()``; ``nonzero`` and friends
+    have data-dependent shapes), caught below autograd so that the backward pass and torch's own calls count."""
+
+    def __init__(self) -> None:
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        aten = torch.ops.aten
+        forbidden = {
+            aten._local_scalar_dense.default: "Tensor.item() / bool() / float() / int() of a tensor",
+            aten.nonzero.default: "torch.nonzero (data-dependent shape)",
+            aten.masked_select.default: "boolean-mask selection (data-dependent shape)",
+            aten._unique2.default: "torch.unique (data-dependent shape)",
+            aten.unique_dim.default: "torch.unique (data-dependent shape)",
+            aten.unique_consecutive.default: "torch.unique_consecutive (data-dependent shape)",
+        }
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+                what = forbidden.get(func)
+                if what is not None:
+                    raise _host_sync_error(f"aten op {func} ({what})")
+                if func in (aten.repeat_interleave.Tensor, aten.repeat_interleave.self_Tensor) and (
+                        kwargs or {}).get("output_size") is None:
+                    raise _host_sync_error(f"aten op {func} without output_size (data-dependent shape)")
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+
+
+@contextlib.contextmanager
+def forbid_host_sync(*, aten: bool = True) -> Iterator[None]:
+    """Make every host read of a device value raise, so CPU tests can tell whether code could be CUDA-graph captured.
+
+    Inside a captured region (``torch.cuda.graph``) nothing may read a tensor's value on the host: the value does
+    not exist yet when the graph is recorded, and a replay never returns to Python. This context manager turns
+    those reads into ``AssertionError("host sync inside a captured region: <what>")`` on any device, CPU included:
+
+    * ``Tensor.item``, ``tolist``, ``cpu``, ``numpy``, and ``__bool__`` / ``__float__`` / ``__int__`` /
+      ``__index__`` (``if t:``, ``float(t)``, ``range(t)``...: shapes are ints and stay allowed);
+    * ``torch.nonzero`` / ``Tensor.nonzero`` and ``t[mask]`` / ``t[mask] = v`` with a bool tensor index
+      (data-dependent shapes);
+    * with ``aten=True`` (default), also the same reads made below Python, by torch itself or in the backward pass:
+      ``aten._local_scalar_dense`` (what ``item()`` runs), ``nonzero``, ``masked_select``, ``unique``,
+      ``repeat_interleave`` without ``output_size``. This runs the block under a ``TorchDispatchMode``.
+
+    The patched attributes are restored on exit, also when the block raises. Not thread-safe: it patches
+    ``torch.Tensor`` for every thread. Usage::
+
+        from streamrl.testing import forbid_host_sync
+
+        out = loss_fn(batch)                 # once outside: lazy modules, caches
+        with forbid_host_sync():
+            out = loss_fn(batch)
+            out["loss"].backward()
+            optimizer.step()                 # e.g. torch.optim.Adam(..., fused=True)
+    """
+    import torch
+
+    def forbid(name: str, what: str) -> Any:
+        def raiser(*args: Any, **kwargs: Any) -> Any:
+            raise _host_sync_error(what)
+
+        raiser.__name__ = name
+        return raiser
+
+    names = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__", "nonzero",
+             "__getitem__", "__setitem__")
+    originals = {name: torch.Tensor.__dict__[name] for name in names if name in torch.Tensor.__dict__}
+    get_item, set_item = torch.Tensor.__getitem__, torch.Tensor.__setitem__
+
+    def getitem(self: torch.Tensor, index: Any) -> Any:
+        if _has_bool_index(index):
+            raise _host_sync_error("Tensor.__getitem__ with a bool tensor index (data-dependent shape); use "
+                                   "torch.where or a multiplication by the mask")
+        return get_item(self, index)
+
+    def setitem(self: torch.Tensor, index: Any, value: Any) -> None:
+        if _has_bool_index(index):
+            raise _host_sync_error("Tensor.__setitem__ with a bool tensor index; use torch.where or masked_fill_")
+        set_item(self, index, value)
+
+    patches: dict[str, Any] = {name: forbid(name, f"Tensor.{name}") for name in names}
+    patches["__getitem__"], patches["__setitem__"] = getitem, setitem
+    original_nonzero = torch.nonzero
+    mode = _ForbidSyncOps().mode if aten else contextlib.nullcontext()
+    try:
+        for name, patch in patches.items():
+            setattr(torch.Tensor, name, patch)
+        torch.nonzero = forbid("nonzero", "torch.nonzero (data-dependent shape)")
+        with mode:
+            yield
+    finally:
+        for name in names:  # put back what torch.Tensor defined itself; the rest it inherits again
+            if name in originals:
+                setattr(torch.Tensor, name, originals[name])
+            elif name in torch.Tensor.__dict__:
+                delattr(torch.Tensor, name)
+        torch.nonzero = original_nonzero

@@ -89,8 +89,8 @@ def rows(n: int) -> list[TensorDict]:
 
 
 def same_weights(a: LearnerStage, b: LearnerStage) -> bool:
-    return all(torch.allclose(x, y, atol=1e-6) for x, y in zip(a.loss.state_dict().values(), b.loss.state_dict().values(),
-                                                 strict=True))
+    pairs = zip(a.loss.state_dict().values(), b.loss.state_dict().values(), strict=True)
+    return all(torch.allclose(x, y, atol=1e-6) for x, y in pairs)
 
 
 # -- captured and eager agree -----------------------------------------------------------------------------------
@@ -225,11 +225,12 @@ def test_schedule_and_capture_arguments_are_checked(make, message):
 
 def test_the_summary_says_how_the_learner_ran_and_where_replay_rows_lived(tmp_path):
     replay = ReplayBuffer(RamStorage(256), batch_size=8)
-    p = Pipeline("dqn").add(ListSource("source", random_chunks(2, num_envs=2, steps=8)), WriterStage("writer", replay),
-                            SamplerStage("sampler", replay), dqn_learner("auto"))
+    source = ListSource("source", random_chunks(2, num_envs=2, steps=8))
+    p = Pipeline("dqn").add(source, WriterStage("writer", replay), SamplerStage("sampler", replay), dqn_learner("auto"))
     p.connect("source.items", "writer.chunks", capacity=1)
     p.connect("sampler.batches", "learner.batches", capacity=2)
     summary = streamrl.run(p, tmp_path, seed=0, handle_signals=False).summary
-    assert summary["learner"] == {"device": "cpu", "captured": False, "capture_reason": "eager on cpu (graphs need "
-                                  "CUDA)", "replay_on_device": False, "replay_reason": summary["learner"]["replay_reason"]}
-    assert "CUDA" in summary["learner"]["replay_reason"] and summary["optim_steps_per_s"] > 0
+    learner = summary["learner"]
+    assert learner == {"device": "cpu", "captured": False, "capture_reason": "eager on cpu (graphs need CUDA)",
+                       "replay_on_device": False, "replay_reason": learner["replay_reason"]}
+    assert "CUDA" in learner["replay_reason"] and summary["optim_steps_per_s"] > 0

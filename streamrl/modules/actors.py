@@ -92,9 +92,15 @@ def _single_key(out_keys: Sequence[str], owner: str) -> str:
 
 def register_bounds(module: nn.Module, low: Any, high: Any) -> None:
     """``low``/``high`` as float buffers of ``module``, outside ``state_dict`` (they come from the spec), so
-    that ``module.to(device)`` moves them and ``module.double()`` converts them."""
-    module.register_buffer("low", torch.as_tensor(low, dtype=torch.get_default_dtype()).clone(), persistent=False)
-    module.register_buffer("high", torch.as_tensor(high, dtype=torch.get_default_dtype()).clone(), persistent=False)
+    that ``module.to(device)`` moves them and ``module.double()`` converts them. Checked here, once (finite,
+    ``low < high``): the distributions built from them at every call do not read them on the host."""
+    low_t = torch.as_tensor(low, dtype=torch.get_default_dtype()).clone()
+    high_t = torch.as_tensor(high, dtype=torch.get_default_dtype()).clone()
+    if not bool((low_t < high_t).all() & torch.isfinite(low_t).all() & torch.isfinite(high_t).all()):
+        raise ConfigError(f"{type(module).__name__}: needs finite bounds with low < high, got low={low}, "
+                          f"high={high}; for actions without bounds use an unbounded spec (and IndependentNormal)")
+    module.register_buffer("low", low_t, persistent=False)
+    module.register_buffer("high", high_t, persistent=False)
 
 
 class _BoundedDistributionModule(ProbabilisticTensorDictModule):
@@ -157,6 +163,8 @@ class ProbabilisticActor(ProbabilisticTensorDictSequential):
             raise ConfigError(f"ProbabilisticActor: the distribution reads {missing}, which module does not write "
                               f"(its out_keys are {module.out_keys}); make in_keys name the module's outputs")
         kwargs = dict(distribution_kwargs or {})
+        if isinstance(distribution_class, type) and issubclass(distribution_class, torch.distributions.Distribution):
+            kwargs.setdefault("validate_args", False)  # checks read tensors on the host: no CUDA graph, slower
         common: dict[str, Any] = {
             "in_keys": dict(in_keys) if isinstance(in_keys, Mapping) else param_keys,
             "out_keys": [_single_key(out_keys, "ProbabilisticActor")],

@@ -31,18 +31,64 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import distributions as D
 from torch.distributions import constraints
+from torch.distributions.utils import _standard_normal
 
 _MEAN_POINTS = 128  # quantile points of the estimate behind TanhNormal.mean
+_LOG_SQRT_2PI = math.log(math.sqrt(2 * math.pi))  # the constant of torch's Normal.log_prob, the same float
+_LOG_2 = math.log(2.0)
 _Shape = torch.Size | list[int] | tuple[int, ...]
+_BOUNDS_CACHE_SIZE = 8
+_bounds_cache: dict[tuple[object, ...], tuple[object, ...]] = {}
+
+
+def _bounds(low: float | torch.Tensor, high: float | torch.Tensor, like: torch.Tensor,
+            *, check: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(low, high, mid, half, log(half))`` as tensors of ``like``'s dtype and device, cached by bounds.
+
+    A policy builds a distribution at every call with the same bounds (python floats, or an actor's buffers), so
+    they are converted once: per call that saves five small ops, and a captured CUDA graph reads constants. A
+    tensor bound is cached by identity and version (an in-place change, such as ``copy_``, makes a new entry).
+    Host bounds (numbers, lists, arrays) are checked here, with numpy; tensor bounds only when ``check`` (a
+    ``validate_args=True`` distribution), since reading a device tensor on the host is a sync.
+    """
+    tensors = [b for b in (low, high) if isinstance(b, torch.Tensor)]
+    numbers = all(isinstance(b, (int, float)) for b in (low, high))
+    cacheable = (len(tensors) == 2 or numbers) and not (
+        any(t.requires_grad or t.is_inference() for t in tensors) or torch.is_inference_mode_enabled()
+        or torch.compiler.is_compiling())  # an inference tensor cannot be saved for a backward later
+    key = (*((id(b), b._version) if isinstance(b, torch.Tensor) else b for b in (low, high)), like.dtype,
+           like.device) if cacheable else None
+    hit = _bounds_cache.get(key) if key is not None else None
+    if hit is not None and (numbers or (hit[0] is low and hit[1] is high)):
+        return hit[2]  # type: ignore[return-value]
+    host = [np.asarray(b, dtype=np.float64) for b in (low, high) if not isinstance(b, torch.Tensor)]
+    if not tensors and not (np.isfinite(host[0]).all() and np.isfinite(host[1]).all() and (host[0] < host[1]).all()):
+        raise ValueError(f"TanhNormal: needs finite bounds with low < high, got low={low}, high={high}; "
+                         f"for actions without bounds use IndependentNormal")
+    low_t = torch.as_tensor(low, dtype=like.dtype, device=like.device)
+    high_t = torch.as_tensor(high, dtype=like.dtype, device=like.device)
+    mid, half = (high_t + low_t) / 2, (high_t - low_t) / 2
+    if tensors and check and not bool((half > 0).all() & torch.isfinite(half).all()):
+        raise ValueError(f"TanhNormal: needs finite bounds with low < high, got low={low}, high={high}; "
+                         f"for actions without bounds use IndependentNormal")
+    value = (low_t, high_t, mid, half, half.log())
+    if key is not None:
+        if len(_bounds_cache) >= _BOUNDS_CACHE_SIZE:
+            _bounds_cache.pop(next(iter(_bounds_cache)))
+        _bounds_cache[key] = (low, high, value)  # holding the bounds keeps their ids from being reused
+    return value
 
 
 class TanhNormal(D.Distribution):
     """A normal squashed by ``tanh`` and mapped onto ``[low, high]``; see the module docstring for the maths.
 
-    ``low`` and ``high`` are scalars or tensors broadcasting to the event shape (finite, ``low < high``).
+    ``low`` and ``high`` are scalars or tensors broadcasting to the event shape (finite, ``low < high``). Python
+    numbers are checked always; tensors, and ``loc`` and ``scale``, only with ``validate_args=True``: the checks
+    read tensors on the host, which a CUDA graph cannot do (``ProbabilisticActor`` checks its bounds once).
 
     - ``rsample`` / ``sample``: ``mid + half * tanh(x)`` for ``x ~ Normal(loc, scale)``; within ``[low, high]``.
     - ``log_prob``: finite everywhere in ``[low, high]``, bounds included.
@@ -69,19 +115,22 @@ class TanhNormal(D.Distribution):
         event_dims: int = 1,
         validate_args: bool | None = None,
     ) -> None:
-        self.normal = D.Independent(D.Normal(loc, scale, validate_args=False), event_dims)
-        self.loc = self.normal.base_dist.loc
-        self.scale = self.normal.base_dist.scale
-        self.low = torch.as_tensor(low, dtype=loc.dtype, device=loc.device)
-        self.high = torch.as_tensor(high, dtype=loc.dtype, device=loc.device)
-        self._mid = (self.high + self.low) / 2
-        self._half = (self.high - self.low) / 2
+        if loc.shape != scale.shape:
+            loc, scale = torch.broadcast_tensors(loc, scale)
+        self.loc, self.scale = loc, scale
+        bounds = _bounds(low, high, loc, check=bool(validate_args))
+        self.low, self.high, self._mid, self._half, self._log_half = bounds
         self._event_dims = event_dims
         self._last_draw: tuple[torch.Tensor, torch.Tensor] | None = None  # (x, a) of the latest rsample
-        super().__init__(self.normal.batch_shape, self.normal.event_shape, validate_args=validate_args)
-        if self._validate_args and not bool((self._half > 0).all() & torch.isfinite(self._half).all()):
-            raise ValueError(f"TanhNormal: needs finite bounds with low < high, got low={low}, high={high}; "
-                             f"for actions without bounds use IndependentNormal")
+        cut = loc.dim() - event_dims
+        # no value checks unless asked for (validate_args=True): they read tensors on the host, which a CUDA graph
+        # cannot do, and cost more than the arithmetic on small batches
+        super().__init__(loc.shape[:cut], loc.shape[cut:], validate_args=bool(validate_args))
+
+    @property
+    def normal(self) -> D.Independent:
+        """The unsquashed ``Normal(loc, scale)`` with the event dims reinterpreted, as a torch distribution."""
+        return D.Independent(D.Normal(self.loc, self.scale, validate_args=False), self._event_dims)
 
     @constraints.dependent_property(is_discrete=False)
     def support(self) -> constraints.Constraint:
@@ -92,11 +141,19 @@ class TanhNormal(D.Distribution):
 
     def _log_abs_det_jacobian(self, x: torch.Tensor) -> torch.Tensor:
         """``sum_i log |da_i / dx_i|`` over the event dims: ``log(1 - tanh(x)^2) + log half``, stably."""
-        per_dim = 2.0 * (math.log(2.0) - x - torch.nn.functional.softplus(-2.0 * x)) + self._half.log()
+        per_dim = 2.0 * (_LOG_2 - x - torch.nn.functional.softplus(-2.0 * x)) + self._log_half
         return per_dim.sum(tuple(range(-self._event_dims, 0))) if self._event_dims else per_dim
 
+    def _normal_log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """``Normal(loc, scale).log_prob(x)`` summed over the event dims, as torch computes it, without building
+        the distribution objects."""
+        per_dim = -((x - self.loc) ** 2) / (2 * self.scale**2) - self.scale.log() - _LOG_SQRT_2PI
+        return per_dim.reshape(*per_dim.shape[:per_dim.dim() - self._event_dims], -1).sum(-1) \
+            if self._event_dims else per_dim
+
     def rsample(self, sample_shape: _Shape = ()) -> torch.Tensor:
-        x = self.normal.rsample(sample_shape)
+        shape = self._extended_shape(sample_shape)
+        x = self.loc + _standard_normal(shape, dtype=self.loc.dtype, device=self.loc.device) * self.scale
         action = self._squash(x)
         self._last_draw = (x, action)
         return action
@@ -121,7 +178,7 @@ class TanhNormal(D.Distribution):
         return torch.atanh(((value - self._mid) / self._half).clamp(-1.0 + eps, 1.0 - eps))
 
     def _log_prob_of(self, x: torch.Tensor) -> torch.Tensor:
-        return self.normal.log_prob(x) - self._log_abs_det_jacobian(x)
+        return self._normal_log_prob(x) - self._log_abs_det_jacobian(x)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         """Scored exactly from the pre-``tanh`` draw when ``value`` is the tensor :meth:`rsample` just returned
@@ -148,11 +205,12 @@ class IndependentNormal(D.Independent):
     """A normal whose last ``event_dims`` dims form one event: ``log_prob`` sums them (``[batch, n] -> [batch]``).
 
     For actions without bounds (A2C/PPO on an ``Unbounded`` spec). ``deterministic_sample``, ``mode`` and
-    ``mean`` are ``loc``; ``entropy`` is the closed form, summed over the event dims.
+    ``mean`` are ``loc``; ``entropy`` is the closed form, summed over the event dims. Arguments and samples are
+    checked only with ``validate_args=True`` (the checks read tensors on the host, which a CUDA graph cannot do).
     """
 
     def __init__(self, loc: torch.Tensor, scale: torch.Tensor, *, event_dims: int = 1,
-                 validate_args: bool | None = None) -> None:
+                 validate_args: bool | None = False) -> None:
         super().__init__(D.Normal(loc, scale, validate_args=validate_args), event_dims, validate_args=validate_args)
 
     @property

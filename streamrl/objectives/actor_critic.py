@@ -197,8 +197,8 @@ class TD3Loss(_ActorCriticLoss):
     the target critics; ``loss_critic`` sums every critic's regression loss. Every ``policy_delay``-th call
     computes ``loss_actor = -mean(Q_1(s, mu(s)))`` (first critic, frozen); other calls give a constant zero and
     leave the actor's gradients ``None``. The call count is saved in ``state_dict()``. Target networks follow
-    whatever updater steps them: a ``TargetNetworkUpdate`` hook steps after every update, where the paper moves
-    them with the actor only (with ``tau = 0.005`` the difference is small).
+    whatever updater steps them: ``LearnerStage(target_update=SoftUpdate(...))`` steps after every update, where
+    the paper moves them with the actor only (with ``tau = 0.005`` the difference is small).
 
     ::
 

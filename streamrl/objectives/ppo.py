@@ -54,6 +54,8 @@ class LossKeys:
 
 def _per_row(x: torch.Tensor, batch: TensorDictBase) -> torch.Tensor:
     """``x`` (batch dims first) summed over its other dims: one number per row of ``batch``."""
+    if x.shape == batch.batch_size:  # already one per row (a log-probability over an event): skip two ops
+        return x
     return x.reshape(*batch.batch_size, -1).sum(-1)
 
 
@@ -106,6 +108,7 @@ class _PolicyGradientLoss(nn.Module):
         return -(log_prob * advantage).mean(), {}
 
     def forward(self, batch: TensorDictBase) -> TensorDict:
+        # No host reads on this path (a CUDA graph replays it): only shapes and Python settings pick branches.
         keys = self.keys
         dist = self.actor.get_dist(batch.copy())  # a copy: loc, scale... (and their graphs) stay out of batch
         log_prob = _per_row(dist.log_prob(batch.get(keys.action)), batch)
@@ -114,13 +117,15 @@ class _PolicyGradientLoss(nn.Module):
             advantage = (advantage - advantage.mean()) / (advantage.std() + 1e-8)
         loss_objective, diagnostics = self.objective(batch, log_prob, advantage)
         losses = {"loss_objective": loss_objective}
+        total = loss_objective  # summed as they come: no stack of a list (a copy and a kernel less)
         if self.critic is not None:
-            losses["loss_critic"] = self.critic_coef * self._critic_distance(batch)
+            losses["loss_critic"] = loss_critic = self.critic_coef * self._critic_distance(batch)
+            total = total + loss_critic
         if self.entropy_bonus:
             mean_entropy = _per_row(entropy(dist), batch).mean()
-            losses["loss_entropy"] = -self.entropy_coef * mean_entropy
+            losses["loss_entropy"] = loss_entropy = -self.entropy_coef * mean_entropy
+            total = total + loss_entropy
             diagnostics["entropy"] = mean_entropy
-        total = torch.stack(list(losses.values())).sum()
         return TensorDict({**losses, "loss": total, **{k: v.detach() for k, v in diagnostics.items()}},
                           batch_size=[])
 
