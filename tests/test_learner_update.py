@@ -16,6 +16,7 @@ from torch import nn
 import streamrl
 from streamrl import (
     MLP,
+    Actor,
     ClipPPOLoss,
     DQNLoss,
     Epochs,
@@ -28,6 +29,7 @@ from streamrl import (
     ReplayBuffer,
     SamplerStage,
     SoftUpdate,
+    TD3Loss,
     ValueOperator,
     WriterStage,
 )
@@ -90,7 +92,7 @@ def rows(n: int) -> list[TensorDict]:
 
 def same_weights(a: LearnerStage, b: LearnerStage) -> bool:
     pairs = zip(a.loss.state_dict().values(), b.loss.state_dict().values(), strict=True)
-    return all(torch.allclose(x, y, atol=1e-6) for x, y in pairs)
+    return all(torch.allclose(x, y, atol=1e-6) if isinstance(x, torch.Tensor) else x == y for x, y in pairs)
 
 
 # -- captured and eager agree -----------------------------------------------------------------------------------
@@ -116,6 +118,41 @@ def test_captured_ppo_minibatches_equal_the_eager_ones_with_a_scheduler_and_two_
         assert [r[key] for r in eager_reports] == pytest.approx([r[key] for r in captured_reports], abs=1e-6), key
     assert same_weights(eager, captured)
     assert len(captured._runner.entries) == 2  # minibatches of 16 and of 8 rows: one set of static buffers each
+
+
+def td3_learner(capture: str) -> LearnerStage:
+    torch.manual_seed(0)
+    spec = Bounded(shape=(1,), dtype=torch.float32, low=-2.0, high=2.0)
+
+    def critic() -> ValueOperator:
+        return ValueOperator(MLP(1, in_features=4, num_cells=(16,)), in_keys=["observation", "action"])
+
+    loss = TD3Loss(Actor(MLP(1, in_features=3, num_cells=(16,)), spec=spec), [critic(), critic()], action_spec=spec,
+                   policy_delay=2)
+    return LearnerStage("learner", loss, torch.optim.Adam(loss.parameters(), lr=1e-3, fused=True),
+                        target_update=SoftUpdate(loss, tau=0.05), device="cpu", capture=capture, report_every=1)
+
+
+def pendulum_rows(n: int) -> list[TensorDict]:
+    g = torch.Generator().manual_seed(2)
+    def draw(size: int) -> torch.Tensor:
+        return torch.randn(16, size, generator=g)
+
+    never = torch.zeros(16, 1, dtype=torch.bool)
+    return [TensorDict({"observation": draw(3), "action": draw(1).tanh() * 2,
+                        "next": {"observation": draw(3), "reward": draw(1), "terminated": never, "truncated": never}},
+                       batch_size=[16]) for _ in range(n)]
+
+
+def test_td3s_delayed_actor_updates_capture_one_set_of_buffers_per_branch_and_equal_the_eager_ones(tmp_path):
+    eager, captured = td3_learner("off"), td3_learner("graph")
+    eager_reports = run_learner(tmp_path / "eager", eager, pendulum_rows(6))
+    captured_reports = run_learner(tmp_path / "captured", captured, pendulum_rows(6))
+    actor_terms = [r["loss_actor"] for r in captured_reports]
+    assert [term != 0 for term in actor_terms] == [False, True] * 3  # the actor learns every second update
+    assert actor_terms == pytest.approx([r["loss_actor"] for r in eager_reports], abs=1e-6)
+    assert same_weights(eager, captured) and captured.loss.calls == eager.loss.calls == 6
+    assert len(captured._runner.entries) == 2  # with and without the actor term
 
 
 def test_batches_sent_as_ring_indices_are_gathered_inside_the_captured_update(tmp_path):

@@ -246,6 +246,15 @@ class TD3Loss(_ActorCriticLoss):
                            "q_value": q.detach().mean(), "target_value": target.mean(), "td_error": td_error},
                           batch_size=[])
 
+    def capture_key(self) -> bool:
+        """Which update the next call makes (with the actor term or without): a captured learner keeps one graph
+        of each, since the choice is made on the host."""
+        return (self.calls + 1) % self.policy_delay == 0
+
+    def replayed(self) -> None:
+        """A captured update of this loss ran without calling :meth:`forward`: count the call it stands for."""
+        self.calls += 1
+
     def get_extra_state(self) -> dict[str, Any]:
         return {"calls": self.calls}
 

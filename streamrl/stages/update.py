@@ -27,7 +27,9 @@ itself (``Update.split``).
 shapes, dtypes, and the ring read from) and runs the update on them. On CUDA, after ``warmup`` eager updates of a
 signature on a side stream, it captures the update in a ``torch.cuda.CUDAGraph`` and replays it from then on.
 Elsewhere it runs the same static-buffer path eagerly (what the CPU tests compare with the eager path). A
-``RingBatch`` is replayed from its indices: the gather from the device ring happens inside the graph.
+``RingBatch`` is replayed from its indices: the gather from the device ring happens inside the graph. A loss whose
+update depends on host state (TD3 adds its actor term every ``policy_delay`` calls) says which update comes next
+(``capture_key()``: one graph each) and counts a replayed call (``replayed()``), since a replay runs no Python.
 """
 
 from __future__ import annotations
@@ -237,7 +239,9 @@ class Captured:
 
     def run(self, batch: Batch) -> None:
         ring, inputs = _inputs(batch)
-        key = (id(ring), *((k, tuple(v.shape), v.dtype) for k, v in inputs.items()))
+        loss: Any = self.update.loss
+        branch = loss.capture_key() if hasattr(loss, "capture_key") else None  # TD3: with the actor term or not
+        key = (id(ring), branch, *((k, tuple(v.shape), v.dtype) for k, v in inputs.items()))
         entry = self.entries.get(key)
         if entry is None:
             entry = self.entries[key] = _Entry(inputs.clone(), _step_of(self.update, ring))
@@ -261,8 +265,12 @@ class Captured:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 entry.step(entry.static)
-            entry.graph = graph  # capturing ran nothing: replay below performs this update
+            entry.graph = graph  # capturing ran nothing: the replay below performs this update
+            entry.graph.replay()
+            return  # the capture ran the loss's Python (its host state counted this update)
         entry.graph.replay()
+        if hasattr(loss, "replayed"):
+            loss.replayed()  # the host state the loss's forward would have advanced
 
 
 @dataclass
