@@ -205,18 +205,18 @@ class LearnerStage(Stage):
         if self.optimizer.state:  # restored from a checkpoint before the move: loading it again casts it to the
             self.optimizer.load_state_dict(self.optimizer.state_dict())  # parameters' device (a no-op on the CPU)
         self._choose_capture(ctx, device)
+        on_cuda = device.type == "cuda"
         await ctx.publish("learner", device=str(device), captured=self.captured, reason=self.capture_reason)
         self._update = update = Update(self.loss, self.optimizer, max_grad_norm=self.max_grad_norm,
                                        check_finite=self.check_finite, target_update=self.target_update,
-                                       device=device)
+                                       device=device, guard_on_device=bool(self.captured) or on_cuda)
         update.version.fill_(self.version)
         self._runner = Captured(update, device) if self.captured else None
         weights_out = ctx.output("weights") if ctx.has_output("weights") else None
-        on_cuda = device.type == "cuda"
         chunk_ring: DeviceRing | None = None
         chunk_keys: set[Any] = set()
         async for batch in ctx.input("batches"):
-            if isinstance(batch, TensorDictBase) and batch.device != device:
+            if isinstance(batch, TensorDictBase) and batch.device != device and (on_cuda or batch.device is not None):
                 batch = batch.to(device, non_blocking=on_cuda)
             if isinstance(self.schedule, EveryBatch):
                 every = self.schedule.publish_every

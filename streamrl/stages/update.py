@@ -20,8 +20,9 @@ finite`` on the device, keeps it sticky, and hands it to the optimizer as ``foun
 :meth:`Update.read` sees it and the learner stops the run naming the first bad step: the weights stay those before
 it. At that step it also keeps, on the device, every loss term, every parameter's gradient norm and every float
 batch entry's largest magnitude, from which :func:`diagnose` names what went non-finite first. With any other
-optimizer the learner reads the flag after each backward instead (one host read per update) and skips the step
-itself (``Update.split``).
+optimizer, or with ``guard_on_device=False`` (the learner's choice on the CPU, where a host read costs nothing and
+the snapshot would), the verdict is read after each backward instead, the snapshot is taken only for a bad update,
+and the caller skips the step (``bad`` is set before :meth:`Update.finish`).
 
 **Captured.** :class:`Captured` copies each batch into static buffers (one set per input signature: keys,
 shapes, dtypes, and the ring read from) and runs the update on them. On CUDA, after ``warmup`` eager updates of a
@@ -77,7 +78,7 @@ class Update:
     """The tensor work of one update, with device-side figures and guard; see the module docstring."""
 
     def __init__(self, loss: nn.Module, optimizer: torch.optim.Optimizer, *, max_grad_norm: float | None,
-                 check_finite: bool, target_update: Any, device: torch.device) -> None:
+                 check_finite: bool, target_update: Any, device: torch.device, guard_on_device: bool = True) -> None:
         self.loss = loss
         self.optimizer = optimizer
         self.max_grad_norm = max_grad_norm
@@ -87,7 +88,9 @@ class Update:
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         names = {id(p): name for name, p in loss.named_parameters()}
         self.param_names = [names.get(id(p), "<not in the loss module>") for p in self.params]
-        self.device_guard = check_finite and fused_guard_possible(optimizer)
+        # on the device: no host read, a snapshot per update (free inside a graph); else a host read per update
+        # (free on the CPU) and a snapshot only for a bad one
+        self.device_guard = check_finite and guard_on_device and fused_guard_possible(optimizer)
         # persistent device state: written inside captured graphs, read every K updates
         zeros = torch.zeros((), device=device)
         self.bad = zeros.clone()  # 1.0 once an update was non-finite (sticky: later steps are skipped too)
@@ -122,19 +125,24 @@ class Update:
         if len(leaves) != len(layout.entries):  # batches changed keys (a resumed store): snapshot the new ones
             layout.entries = [key for key, _ in leaves]
             self.snapshot = None
-        values = self._values(leaves, out, norms, total, layout)
+        figures = torch.stack([out[key].detach().float().reshape(()) for key in layout.figures[:-1]] + [total.float()])
         if self.sums is None:
             self.sums = torch.zeros(len(layout.figures), device=self.device)
-        self.sums.add_(values[: len(layout.figures)])
+        self.sums.add_(figures)
         if self.check_finite:
             found = (~torch.isfinite(torch.stack([out["loss"].detach().float(), total.float()]))).any().float()
-            newly = found * (1.0 - self.bad)
-            snapshot = values[len(layout.figures):]
-            if self.snapshot is None:
-                self.snapshot = torch.zeros_like(snapshot)
-            self.snapshot.copy_(torch.where(newly > 0, snapshot, self.snapshot))
-            self.first_bad.copy_(torch.where(newly > 0, self.index, self.first_bad))
-            self.bad.copy_(torch.maximum(self.bad, found))
+            if self.device_guard:
+                newly = found * (1.0 - self.bad)
+                snapshot = self._snapshot(leaves, out, norms, layout)
+                if self.snapshot is None:
+                    self.snapshot = torch.zeros_like(snapshot)
+                self.snapshot.copy_(torch.where(newly > 0, snapshot, self.snapshot))
+                self.first_bad.copy_(torch.where(newly > 0, self.index, self.first_bad))
+                self.bad.copy_(torch.maximum(self.bad, found))
+            elif bool(found) and not bool(self.bad):  # the host read; the caller skips the step
+                self.snapshot = self._snapshot(leaves, out, norms, layout)
+                self.first_bad.copy_(self.index)
+                self.bad.fill_(1.0)
         versions = batch.get("policy_version", None)
         if versions is not None:
             lag = (self.version - versions.float()).reshape(-1)
@@ -157,18 +165,16 @@ class Update:
         entries = [key for key, _ in leaves]
         return _Layout(terms=terms, params=self.param_names, entries=entries, figures=[*scalars, "grad_norm"])
 
-    def _values(self, leaves: list[tuple[str, torch.Tensor]], out: TensorDictBase, norms: list[torch.Tensor],
-                total: torch.Tensor, layout: _Layout) -> torch.Tensor:
-        """One vector: the figures (means are taken at read), then the guard's snapshot (terms, norms, entries)."""
-        figures = [out[key].detach().float().reshape(()) for key in layout.figures[:-1]] + [total.float()]
-        if not self.check_finite:
-            return torch.stack(figures)
+    def _snapshot(self, leaves: list[tuple[str, torch.Tensor]], out: TensorDictBase, norms: list[torch.Tensor],
+                  layout: _Layout) -> torch.Tensor:
+        """What :func:`diagnose` reads: the loss terms, every parameter's gradient norm, every entry's magnitude."""
         remaining = iter(norms)  # gradients of the parameters that have one, in order; the others count as 0
-        per_param = [next(remaining).float() if p.grad is not None else total.new_zeros(()) for p in self.params]
+        zero = out["loss"].new_zeros((), dtype=torch.float32)
+        per_param = [next(remaining).float() if p.grad is not None else zero for p in self.params]
         terms = [out[key].detach().float().reshape(()) for key in layout.terms]
         columns = [value for _, value in leaves]
         entries = list(torch._foreach_norm(columns, float("inf"))) if columns else []  # largest magnitude: NaN stays
-        return torch.stack([*figures, *terms, *per_param, *(e.float() for e in entries)])
+        return torch.stack([*terms, *per_param, *(e.float() for e in entries)])
 
     # -- every K updates -------------------------------------------------------------------------------------
     def read(self, updates: int) -> Report:
@@ -191,12 +197,6 @@ class Update:
             return Report(updates=updates, figures=figures)
         return Report(updates=updates, figures=figures, first_bad=int(first_bad),
                       diagnosis=diagnose(layout, values[n + 5:]))
-
-    def split(self, batch: TensorDictBase) -> tuple[TensorDictBase, list[torch.Tensor], torch.Tensor, bool]:
-        """For an optimizer without a device guard: forward and backward, then one host read of the verdict; the
-        caller runs :meth:`finish` only when it is finite."""
-        out, norms, total = self.forward_backward(batch)
-        return out, norms, total, not bool(self.bad)
 
 
 def diagnose(layout: _Layout, snapshot: list[float]) -> str:
