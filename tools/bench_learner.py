@@ -31,14 +31,15 @@ Columns (updates/s, higher is better):
   the hand loops leave out (non-finite guard, reports, LR scheduler, events, streams) is the library's overhead.
 * ``graph``: the same loop captured whole in one CUDA graph (index draw included) and replayed once per update;
   ``n/a`` (``null`` in the JSON) without CUDA.
-* ``vs_eager`` = streamrl / eager and ``vs_graph`` = streamrl / graph.
+* ``vs_eager`` and ``vs_graph``: streamrl / eager and streamrl / graph, the median over the rounds of the ratio
+  measured side by side in each round; ``best_vs_eager`` / ``best_vs_graph``: the ratios of the best rates.
 
-Each measurement warms up, then runs for ``--seconds`` (or ``--updates``). The three variants run interleaved, twice,
-and the best of each is kept (the machine is noisy). The bar: streamrl >= 0.8 x graph on a GPU, >= 0.9 x eager on
-a CPU. One table line per measurement as it goes; the last line is JSON::
+Each measurement warms up, then runs for ``--seconds`` (or ``--updates``). The three variants run interleaved,
+``--rounds`` times (default 3), and the best of each is kept (the machine is noisy). The bar: streamrl >= 0.8 x
+graph on a GPU, >= 0.9 x eager on a CPU. One table line per measurement as it goes; the last line is JSON::
 
     {"device": "cuda", "cores": 16, "torch_threads": 16,
-     "dqn": {"128": {"streamrl": x, "eager": y, "graph": z, "vs_eager": x/y, "vs_graph": x/z}, "4096": {...}},
+     "dqn": {"128": {"streamrl": x, "eager": y, "graph": z, "vs_eager": ..., "vs_graph": ..., ...}, "4096": {...}},
      "ppo": {"64": {...}}}
 """
 
@@ -49,6 +50,7 @@ import copy
 import json
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -371,7 +373,8 @@ def streamrl_ppo(module: ModuleType, device: torch.device, capture: str, *, upda
 # -- the benchmark ----------------------------------------------------------------------------------------------
 def measure(workload: str, size: int, device: torch.device, args: argparse.Namespace, modules: dict[str, ModuleType],
             ) -> dict[str, float | None]:
-    """Best updates/s of each variant over two interleaved rounds, and the ratios."""
+    """Best updates/s of each variant over ``--rounds`` interleaved rounds, and the ratios: the median over rounds
+    of each round's side-by-side ratio (robust to the machine's drift), and the ratio of the bests."""
     if workload == "dqn":
         cfg = modules["dqn"].Config()
         hands = [HandDQN(cfg, device, size, cfg.buffer_size) for _ in range(2)]
@@ -388,10 +391,12 @@ def measure(workload: str, size: int, device: torch.device, args: argparse.Names
     eager, hand_for_graph = hands
     graph = capture_graph(hand_for_graph.update, hand_for_graph.zero_grad, device) if device.type == "cuda" else None
     best: dict[str, float | None] = {name: None for name in VARIANTS}
+    ratios: dict[str, list[float]] = {"eager": [], "graph": []}
     streamrl_rate: float | None = None
     if args.updates is None:  # size the timed streamrl runs from a short first one (also its warm-up)
         streamrl_rate = run_streamrl(CALIBRATION_UPDATES)[0]
-    for round_ in (1, 2):
+    for round_ in range(1, args.rounds + 1):
+        rates: dict[str, float] = {}
         for name in VARIANTS:
             if name == "graph" and graph is None:
                 print(f"{workload:4s} {size:5d}  round {round_}  {name:8s}       n/a (no CUDA)", flush=True)
@@ -406,12 +411,18 @@ def measure(workload: str, size: int, device: torch.device, args: argparse.Names
                 rate, steps, seconds = time_loop(update, device, seconds=args.seconds, updates=args.updates,
                                                  warmup=args.warmup)
             best[name] = max(rate, best[name] or 0.0)
+            rates[name] = rate
             print(f"{workload:4s} {size:5d}  round {round_}  {name:8s} {rate:10.1f} updates/s  ({steps} updates in "
                   f"{seconds:.2f} s)", flush=True)
+        for name in ratios:
+            if name in rates:
+                ratios[name].append(rates["streamrl"] / rates[name])
     s, e, g = best["streamrl"], best["eager"], best["graph"]
     assert s is not None and e is not None
     out = {"streamrl": round(s, 1), "eager": round(e, 1), "graph": None if g is None else round(g, 1),
-           "vs_eager": round(s / e, 3), "vs_graph": None if g is None else round(s / g, 3)}
+           "vs_eager": round(statistics.median(ratios["eager"]), 3),
+           "vs_graph": round(statistics.median(ratios["graph"]), 3) if ratios["graph"] else None,
+           "best_vs_eager": round(s / e, 3), "best_vs_graph": None if g is None else round(s / g, 3)}
     print(f"{workload:4s} {size:5d}  best: {out}", flush=True)
     return out
 
@@ -426,6 +437,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 4096], help="DQN batch sizes")
     parser.add_argument("--capture", choices=["auto", "graph", "off"], default="auto",
                         help="streamrl's learner capture setting (the pipelines' `capture` config; default auto)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per measurement (default 3)")
     parser.add_argument("--only", choices=["dqn", "ppo"], default=None, help="run one workload only")
     args = parser.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -30,6 +30,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 
 from streamrl.errors import StoreError
+from streamrl.replay.storage import gather_rows
 
 
 def as_batch(rows: TensorDict, index: torch.Tensor, info: dict[str, torch.Tensor], *,
@@ -117,10 +118,7 @@ class DeviceRing:
         """The rows at ring slots ``index`` (``index_select`` per column), on :attr:`device`."""
         if self.rows is None:
             raise StoreError("DeviceRing.gather before any write: the mirror is empty; extend the buffer first")
-        index = index.to(self.device, non_blocking=True)
-        gathered = self.rows.apply(lambda column: column.index_select(0, index), batch_size=[index.shape[0]])
-        assert gathered is not None
-        return gathered
+        return gather_rows(self.rows, index.to(self.device, non_blocking=True))
 
     @staticmethod
     def row_bytes(rows: TensorDictBase) -> int:

@@ -84,6 +84,24 @@ class Storage(Protocol):
     def close(self) -> None: ...
 
 
+def gather_rows(data: TensorDict, index: torch.Tensor) -> TensorDict:
+    """The rows of ``data`` at ``index``: one ``index_select`` per column, built into a TensorDict from a nested
+    dict (about half the per-call cost of ``data.apply``, which matters at a sample per learner update)."""
+    index = index.to(torch.long)
+    nested: dict[str, Any] = {}
+    for key, column in data.items(include_nested=True, leaves_only=True):
+        assert isinstance(column, torch.Tensor)
+        rows = column.index_select(0, index)
+        if isinstance(key, tuple):
+            level = nested
+            for part in key[:-1]:
+                level = level.setdefault(part, {})
+            level[key[-1]] = rows
+        else:
+            nested[key] = rows
+    return TensorDict(nested, batch_size=index.shape[:1], device=data.device)
+
+
 class RamStorage:
     """A preallocated ring of rows in RAM (torch tensors, CPU). Not durable: its :class:`Storage` durability
     members are no-ops (no row is ever pending; a checkpoint holds the rows themselves)."""
@@ -136,10 +154,7 @@ class RamStorage:
     def get(self, index: torch.Tensor) -> TensorDict:
         if self.data is None:
             raise StoreError("the storage is empty: extend it before sampling")
-        index = index.to(torch.long)
-        rows = self.data.apply(lambda t: t.index_select(0, index), batch_size=[index.shape[0]])
-        assert rows is not None
-        return rows
+        return gather_rows(self.data, index)
 
     def __len__(self) -> int:
         return self.size
