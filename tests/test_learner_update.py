@@ -40,17 +40,17 @@ from streamrl.stages.update import Update
 from streamrl.testing import ListSource, forbid_host_sync, random_chunks
 
 
-def dqn_learner(capture: str, *, report_every: int = 1, **kwargs: Any) -> LearnerStage:
+def dqn_learner(capture: str, *, report_every: int = 1, device: str = "cpu", **kwargs: Any) -> LearnerStage:
     torch.manual_seed(0)
     actor = QValueActor(MLP(2, in_features=4, num_cells=(32, 32)))
     loss = DQNLoss(actor, gamma=0.99, double_dqn=True)
     optimizer = torch.optim.Adam(loss.value_net.parameters(), lr=1e-3, fused=True)
     return LearnerStage("learner", loss, optimizer, schedule=EveryBatch(publish_every=2), publish=actor,
-                        max_grad_norm=1.0, target_update=SoftUpdate(loss, tau=0.05), device="cpu", capture=capture,
+                        max_grad_norm=1.0, target_update=SoftUpdate(loss, tau=0.05), device=device, capture=capture,
                         report_every=report_every, **kwargs)
 
 
-def ppo_learner(capture: str, *, report_every: int = 1) -> LearnerStage:
+def ppo_learner(capture: str, *, report_every: int = 1, device: str = "cpu") -> LearnerStage:
     torch.manual_seed(0)
     spec = Bounded(low=-1.0, high=1.0, shape=(1,), dtype=torch.float32)
     params = TensorDictModule(nn.Sequential(MLP(2, in_features=3, num_cells=(16, 16), activation=nn.Tanh),
@@ -61,7 +61,7 @@ def ppo_learner(capture: str, *, report_every: int = 1) -> LearnerStage:
     optimizer = torch.optim.Adam(loss.parameters(), lr=1e-3, fused=True)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 40)
     return LearnerStage("learner", loss, optimizer, schedule=Epochs(epochs=2, minibatch_size=16), publish=actor,
-                        max_grad_norm=0.5, scheduler=scheduler, device="cpu", capture=capture,
+                        max_grad_norm=0.5, scheduler=scheduler, device=device, capture=capture,
                         report_every=report_every)
 
 
@@ -120,7 +120,7 @@ def test_captured_ppo_minibatches_equal_the_eager_ones_with_a_scheduler_and_two_
     assert len(captured._runner.entries) == 2  # minibatches of 16 and of 8 rows: one set of static buffers each
 
 
-def td3_learner(capture: str) -> LearnerStage:
+def td3_learner(capture: str, device: str = "cpu") -> LearnerStage:
     torch.manual_seed(0)
     spec = Bounded(shape=(1,), dtype=torch.float32, low=-2.0, high=2.0)
 
@@ -130,7 +130,7 @@ def td3_learner(capture: str) -> LearnerStage:
     loss = TD3Loss(Actor(MLP(1, in_features=3, num_cells=(16,)), spec=spec), [critic(), critic()], action_spec=spec,
                    policy_delay=2)
     return LearnerStage("learner", loss, torch.optim.Adam(loss.parameters(), lr=1e-3, fused=True),
-                        target_update=SoftUpdate(loss, tau=0.05), device="cpu", capture=capture, report_every=1)
+                        target_update=SoftUpdate(loss, tau=0.05), device=device, capture=capture, report_every=1)
 
 
 def pendulum_rows(n: int) -> list[TensorDict]:
@@ -271,3 +271,20 @@ def test_the_summary_says_how_the_learner_ran_and_where_replay_rows_lived(tmp_pa
     assert learner == {"device": "cpu", "captured": False, "capture_reason": "eager on cpu (graphs need CUDA)",
                        "replay_on_device": False, "replay_reason": learner["replay_reason"]}
     assert "CUDA" in learner["replay_reason"] and summary["optim_steps_per_s"] > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (on the GPU machine: tools/gpu_figures.sh)")
+@pytest.mark.parametrize("make", [dqn_learner, ppo_learner, td3_learner], ids=["dqn", "ppo", "td3"])
+def test_cuda_graph_updates_equal_eager_cuda_updates(tmp_path, make):
+    """On CUDA, ``capture="graph"`` warms up, captures and replays CUDA graphs: the losses follow the eager ones."""
+    data = {dqn_learner: lambda: rows(12), ppo_learner: lambda: ppo_chunks(3), td3_learner: lambda: pendulum_rows(8)}
+    eager, captured = make("off", device="cuda"), make("graph", device="cuda")
+    eager_reports = run_learner(tmp_path / "eager", eager, data[make]())
+    captured_reports = run_learner(tmp_path / "captured", captured, data[make]())
+    assert captured.capture_reason == "CUDA graphs"
+    assert all(entry.graph is not None for entry in captured._runner.entries.values())  # each shape seen > 3 times
+    assert [r["loss"] for r in captured_reports] == pytest.approx([r["loss"] for r in eager_reports], rel=1e-4,
+                                                                   abs=1e-5)
+    assert same_weights(eager, captured) or all(
+        torch.allclose(x, y, atol=1e-4) for x, y in zip(eager.loss.parameters(), captured.loss.parameters(),
+                                                        strict=True))
