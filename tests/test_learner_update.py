@@ -288,3 +288,20 @@ def test_cuda_graph_updates_equal_eager_cuda_updates(tmp_path, make):
     assert same_weights(eager, captured) or all(
         torch.allclose(x, y, atol=1e-4) for x, y in zip(eager.loss.parameters(), captured.loss.parameters(),
                                                         strict=True))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (on the GPU machine: tools/gpu_figures.sh)")
+@pytest.mark.parametrize("device_replay", [False, True])
+def test_a_cuda_learner_gets_its_batches_on_its_device_copied_ahead_or_gathered_from_the_mirror(tmp_path,
+                                                                                                 device_replay):
+    replay = ReplayBuffer(RamStorage(512), batch_size=16)
+    sampler = SamplerStage("sampler", replay, device_replay=device_replay, device="cuda")
+    learner = dqn_learner("auto", device="cuda")
+    seen: list[str] = []
+    p = Pipeline("dqn").add(ListSource("source", random_chunks(6, num_envs=4, steps=8)), WriterStage(
+        "writer", replay), sampler, learner)
+    p.connect("source.items", "writer.chunks", capacity=1)
+    p.connect("sampler.batches", "learner.batches", capacity=2)
+    p.on("optim_step", lambda event: seen.append(event.data["loss"]))
+    streamrl.run(p, tmp_path, seed=0, device="cuda", handle_signals=False)
+    assert learner.captured and sampler.mirrored is device_replay and seen and all(map(math.isfinite, seen))

@@ -33,6 +33,11 @@ too), ``False`` never. The decision is published once as a ``replay_device`` eve
 ``reason``) and kept in ``SamplerStage.mirrored``::
 
     pipeline.add(SamplerStage("sampler", rb, device_replay=None))     # auto: RingBatch on CUDA when the rows fit
+
+Rows that stay on the host (pixels, a replay too large for the device) travel to a CUDA learner ahead of their
+update: the sampler pins each batch and copies it on a side stream, and the device's default stream waits for that
+copy (a wait on the device, not on the host), so the copy of batch k + 1 overlaps the learner's update k (the
+``batches`` stream's capacity is the prefetch depth).
 """
 
 from __future__ import annotations
@@ -143,7 +148,8 @@ VECTOR_STEP_BYTES = 64 * 1024  # the most bytes an entry of one step may take fo
 class SamplerStage(Stage):
     """Samples batches from ``buffer`` as fast as the rate limiter and the ``batches`` stream allow.
 
-    Batches are TensorDicts (pinned with ``pin_memory`` when CUDA is there), or with device replay
+    Batches are TensorDicts (for a CUDA learner: on its device, copied from pinned memory on a side stream;
+    ``pin_memory=False`` sends host batches instead), or with device replay
     :class:`~streamrl.replay.device_ring.RingBatch` objects: see the module docstring for ``device_replay``
     (None: auto, True, False) and ``device`` (the learner's; None: the run's).
     """
@@ -151,7 +157,7 @@ class SamplerStage(Stage):
     outputs = ("batches",)
 
     def __init__(self, name: str, buffer: ReplayBuffer, *, batch_size: int | None = None,
-                 pin_memory: bool = False, device_replay: bool | None = None,
+                 pin_memory: bool = True, device_replay: bool | None = None,
                  device: torch.device | str | None = None) -> None:
         super().__init__(name)
         self.buffer = buffer
@@ -160,6 +166,7 @@ class SamplerStage(Stage):
         self.device_replay = device_replay
         self.device = None if device is None else torch.device(device)
         self.mirrored: bool | None = None  # decided on the first batch
+        self._copies: Any = None  # the side stream host batches are copied to a CUDA learner on
 
     def decide(self, device: torch.device) -> tuple[bool, str]:
         """Whether to mirror the rows on ``device``, and why (the buffer holds rows: called on the first batch)."""
@@ -191,8 +198,8 @@ class SamplerStage(Stage):
         out = ctx.output("batches")
         limiter = self.buffer.limiter
         n = self.batch_size
-        pin = self.pin_memory and torch.cuda.is_available()
         device = self.device if self.device is not None else torch.device(ctx.run.device or "cpu")
+        copy = self.pin_memory and device.type == "cuda"
         while True:
             waited_start = limiter.sample_wait_s
             allowed = await limiter.wait_sample(n)
@@ -210,7 +217,20 @@ class SamplerStage(Stage):
             else:
                 batch = self.buffer.sample(n)
             limiter.sampled(n)
-            if pin and not self.mirrored:
-                batch = batch.pin_memory()
+            if copy and not self.mirrored:
+                batch = self._to_device(batch, device)
             await out.send(batch)
             await anyio.lowlevel.checkpoint()  # let other stages run between batches
+
+    def _to_device(self, batch: Any, device: torch.device) -> Any:
+        """Pin ``batch`` and copy it to ``device`` on a side stream; the default stream waits for the copy there."""
+        if self._copies is None:
+            self._copies = torch.cuda.Stream(device)
+        pinned = batch.pin_memory()
+        with torch.cuda.stream(self._copies):
+            moved = pinned.to(device, non_blocking=True)
+        current = torch.cuda.current_stream(device)
+        current.wait_stream(self._copies)  # the learner's next kernels start once the copy is done
+        for tensor in moved.values(include_nested=True, leaves_only=True):
+            tensor.record_stream(current)  # allocated on the side stream, used on the default one
+        return moved
