@@ -54,7 +54,7 @@ class Config:
     device: str = "auto"
     """Learner device: cpu, cuda, or auto (CUDA when available)."""
     capture: str = "auto"
-    """Learner updates: "auto" (replayed from a CUDA graph on CUDA when possible), "graph" (insist), "off" (eager)."""
+    """Learner updates: "auto" (a CUDA graph on CUDA when it can), "graph", "compile" (torch.compile), "off"."""
     num_envs: int = 1
     """CartPole copies stepped together (gymnasium's native vector env). One is enough: collection runs in its
     own process, hidden behind the learner, which is the bottleneck."""

@@ -78,7 +78,7 @@ class Config:
     device: str = "auto"
     """Learner and policy device: cpu, cuda, or auto (CUDA when available)."""
     capture: str = "auto"
-    """Learner updates: "auto" (replayed from a CUDA graph on CUDA when possible), "graph" (insist), "off" (eager)."""
+    """Learner updates: "auto" (a CUDA graph on CUDA when it can), "graph", "compile" (torch.compile), "off"."""
     num_envs: int = 4
     """Envs, each rendering in its own subprocess worker."""
     replicas: int = 1

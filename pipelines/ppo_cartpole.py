@@ -51,7 +51,7 @@ class Config:
     device: str = "cpu"
     """Learner device (small MLPs: the CPU is faster than a GPU round trip)."""
     capture: str = "auto"
-    """Learner updates: "auto" (replayed from a CUDA graph on CUDA when possible), "graph" (insist), "off" (eager)."""
+    """Learner updates: "auto" (a CUDA graph on CUDA when it can), "graph", "compile" (torch.compile), "off"."""
     num_envs: int = 8
     """CartPole copies stepped together (gymnasium's native vector env)."""
     replicas: int = 1

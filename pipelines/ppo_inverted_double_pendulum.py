@@ -53,7 +53,7 @@ class Config:
     device: str = "cpu"
     """Learner device."""
     capture: str = "auto"
-    """Learner updates: "auto" (replayed from a CUDA graph on CUDA when possible), "graph" (insist), "off" (eager)."""
+    """Learner updates: "auto" (a CUDA graph on CUDA when it can), "graph", "compile" (torch.compile), "off"."""
     num_envs: int = 4
     """Envs stepped together (sync vector env: the transforms need same-step resets). One policy call serves all
     of them, so four envs collect ~2.5x faster than one on a core; a chunk is still 1,000 frames."""

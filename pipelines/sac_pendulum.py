@@ -56,7 +56,7 @@ class Config:
     device: str = "auto"
     """Learner device: cpu, cuda, or auto (CUDA when available)."""
     capture: str = "auto"
-    """Learner updates: "auto" (replayed from a CUDA graph on CUDA when possible), "graph" (insist), "off" (eager)."""
+    """Learner updates: "auto" (a CUDA graph on CUDA when it can), "graph", "compile" (torch.compile), "off"."""
     num_envs: int = 4
     """Pendulum copies stepped together in the collection process."""
     replicas: int = 1

@@ -50,7 +50,8 @@ def dqn_learner(capture: str, *, report_every: int = 1, device: str = "cpu", **k
                         report_every=report_every, **kwargs)
 
 
-def ppo_learner(capture: str, *, report_every: int = 1, device: str = "cpu") -> LearnerStage:
+def ppo_learner(capture: str, *, report_every: int = 1, device: str = "cpu",
+                minibatch_size: int = 16) -> LearnerStage:
     torch.manual_seed(0)
     spec = Bounded(low=-1.0, high=1.0, shape=(1,), dtype=torch.float32)
     params = TensorDictModule(nn.Sequential(MLP(2, in_features=3, num_cells=(16, 16), activation=nn.Tanh),
@@ -60,8 +61,8 @@ def ppo_learner(capture: str, *, report_every: int = 1, device: str = "cpu") -> 
     loss = ClipPPOLoss(actor, critic, entropy_coef=1e-2)  # TanhNormal: the entropy draws a sample inside the loss
     optimizer = torch.optim.Adam(loss.parameters(), lr=1e-3, fused=True)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 40)
-    return LearnerStage("learner", loss, optimizer, schedule=Epochs(epochs=2, minibatch_size=16), publish=actor,
-                        max_grad_norm=0.5, scheduler=scheduler, device=device, capture=capture,
+    return LearnerStage("learner", loss, optimizer, schedule=Epochs(epochs=2, minibatch_size=minibatch_size),
+                        publish=actor, max_grad_norm=0.5, scheduler=scheduler, device=device, capture=capture,
                         report_every=report_every)
 
 
@@ -153,6 +154,16 @@ def test_td3s_delayed_actor_updates_capture_one_set_of_buffers_per_branch_and_eq
     assert actor_terms == pytest.approx([r["loss_actor"] for r in eager_reports], abs=1e-6)
     assert same_weights(eager, captured) and captured.loss.calls == eager.loss.calls == 6
     assert len(captured._runner.entries) == 2  # with and without the actor term
+
+
+def test_a_compiled_loss_learns_like_the_eager_one(tmp_path):
+    """``capture="compile"``: the PPO loss's forward and backward through torch.compile (inductor on the CPU)."""
+    eager, compiled = ppo_learner("off", minibatch_size=20), ppo_learner("compile", minibatch_size=20)  # one shape
+    eager_reports = run_learner(tmp_path / "eager", eager, ppo_chunks(2))
+    compiled_reports = run_learner(tmp_path / "compiled", compiled, ppo_chunks(2))
+    assert compiled.capture_reason == "torch.compile (default mode)"
+    assert compiled._update.forward is not compiled.loss  # the compiled module ran
+    assert [r["loss"] for r in compiled_reports] == pytest.approx([r["loss"] for r in eager_reports], abs=1e-4)
 
 
 def test_batches_sent_as_ring_indices_are_gathered_inside_the_captured_update(tmp_path):
@@ -252,7 +263,7 @@ def test_capture_graph_is_refused_with_the_reason_and_auto_says_why_it_runs_eage
 @pytest.mark.parametrize(("make", "message"), [
     (lambda: EveryBatch(publish_every=0), "EveryBatch: publish_every must be >= 1, got 0"),
     (lambda: Epochs(epochs=0, minibatch_size=64), "Epochs: takes epochs >= 1 and minibatch_size >= 1"),
-    (lambda: dqn_learner("always"), "capture must be 'auto', 'graph' or 'off', got 'always'"),
+    (lambda: dqn_learner("always"), "capture must be 'auto', 'graph', 'compile' or 'off', got 'always'"),
     (lambda: dqn_learner("off", report_every=0), "report_every must be >= 1, got 0"),
 ])
 def test_schedule_and_capture_arguments_are_checked(make, message):

@@ -435,7 +435,7 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=None, help="timed updates per measurement instead of seconds")
     parser.add_argument("--warmup", type=int, default=50, help="untimed updates before each measurement (default 50)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 4096], help="DQN batch sizes")
-    parser.add_argument("--capture", choices=["auto", "graph", "off"], default="auto",
+    parser.add_argument("--capture", choices=["auto", "graph", "compile", "off"], default="auto",
                         help="streamrl's learner capture setting (the pipelines' `capture` config; default auto)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per measurement (default 3)")
     parser.add_argument("--only", choices=["dqn", "ppo"], default=None, help="run one workload only")

@@ -78,8 +78,11 @@ class Update:
     """The tensor work of one update, with device-side figures and guard; see the module docstring."""
 
     def __init__(self, loss: nn.Module, optimizer: torch.optim.Optimizer, *, max_grad_norm: float | None,
-                 check_finite: bool, target_update: Any, device: torch.device, guard_on_device: bool = True) -> None:
+                 check_finite: bool, target_update: Any, device: torch.device, guard_on_device: bool = True,
+                 compile_loss: bool = False) -> None:
         self.loss = loss
+        mode = "reduce-overhead" if device.type == "cuda" else "default"
+        self.forward: Any = torch.compile(loss, mode=mode) if compile_loss else loss  # backward compiled with it
         self.optimizer = optimizer
         self.max_grad_norm = max_grad_norm
         self.check_finite = check_finite
@@ -114,7 +117,9 @@ class Update:
     def forward_backward(self, batch: TensorDictBase) -> tuple[TensorDictBase, list[torch.Tensor], torch.Tensor]:
         """The loss, its gradients (into ``p.grad``: zero them before) and the guard's bookkeeping."""
         leaves = _float_leaves(batch) if self.check_finite else []  # the batch as given (losses may add entries)
-        out = self.loss(batch)
+        if self.forward is not self.loss and self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the last one's outputs may be overwritten
+        out = self.forward(batch)
         out["loss"].backward()
         grads = [p.grad for p in self.params if p.grad is not None]
         norms = list(torch._foreach_norm(grads)) if grads else []
