@@ -35,8 +35,8 @@ the host, which TD3's delayed actor updates do) and runs eagerly otherwise, sayi
 ``summary.json``; ``"graph"`` insists (an error says what prevents it; off CUDA it runs the same static-buffer path
 without a graph, which is what the CPU tests compare with the eager path); ``"compile"`` runs the loss's forward
 and backward through ``torch.compile`` (inductor: fused kernels; on CUDA ``mode="reduce-overhead"``, its own CUDA
-graphs) around an eager optimizer step, worth its start-up (tens of seconds) on long runs of big networks: on 2 CPU
-cores a PPO update of the 3x256 networks of tutorial 002 runs ~1.2x faster; ``"off"`` runs eagerly, for debugging.
+graphs) around an eager optimizer step, for long runs of big networks (its start-up takes tens of seconds; on 2 CPU
+cores it made the 3x256 PPO update of tutorial 002 1.3x faster); ``"off"`` runs eagerly, for debugging.
 Batches the sampler sends as indices into a device ring (:class:`~streamrl.replay.device_ring.RingBatch`) are
 gathered inside the graph. On CUDA, batches of rows arrive pinned and are copied with ``non_blocking=True``.
 
