@@ -7,29 +7,59 @@
         ToTensorImage(), GrayScale(), Resize(64, 64), CatFrames(4, dim=-3),
         ObservationNorm(in_keys=["pixels"], standard_normal=True)))
     env.transform[-1].init_stats(num_iter=100, reduce_dim=[-1, -2, -4], keep_dims=(-1, -2))
+
+The same names can be imported from :mod:`streamrl.envs`, as TorchRL users write them. Names are imported lazily
+(PEP 562): ``import streamrl.transforms`` does not load torch; each name loads its module on first use.
 """
 
-from streamrl.transforms.base import Compose, Transform, TransformedEnv
-from streamrl.transforms.episode import FrameSkip, NoopResetEnv, RewardSum, StepCounter
-from streamrl.transforms.image import CatFrames, GrayScale, Resize, ToTensorImage
-from streamrl.transforms.norm import CatTensors, DoubleToFloat, ObservationNorm, RewardScaling
-from streamrl.transforms.video import VideoRecorder
+from __future__ import annotations
 
-__all__ = [
-    "CatFrames",
-    "CatTensors",
-    "Compose",
-    "DoubleToFloat",
-    "FrameSkip",
-    "GrayScale",
-    "NoopResetEnv",
-    "ObservationNorm",
-    "Resize",
-    "RewardScaling",
-    "RewardSum",
-    "StepCounter",
-    "ToTensorImage",
-    "Transform",
-    "TransformedEnv",
-    "VideoRecorder",
-]
+import importlib
+import sys
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS: dict[str, str] = {
+    "CatFrames": "streamrl.transforms.image",
+    "CatTensors": "streamrl.transforms.norm",
+    "Compose": "streamrl.transforms.base",
+    "DoubleToFloat": "streamrl.transforms.norm",
+    "FrameSkip": "streamrl.transforms.episode",
+    "GrayScale": "streamrl.transforms.image",
+    "NoopResetEnv": "streamrl.transforms.episode",
+    "ObservationNorm": "streamrl.transforms.norm",
+    "Resize": "streamrl.transforms.image",
+    "RewardScaling": "streamrl.transforms.norm",
+    "RewardSum": "streamrl.transforms.episode",
+    "StepCounter": "streamrl.transforms.episode",
+    "ToTensorImage": "streamrl.transforms.image",
+    "Transform": "streamrl.transforms.base",
+    "TransformedEnv": "streamrl.transforms.base",
+    "VideoRecorder": "streamrl.transforms.video",
+}
+
+# For type checkers only: they read the names from these imports (at run time ``__getattr__`` imports each
+# on first use), so ruff, which cannot evaluate ``__all__ = sorted(_EXPORTS)``, would call them unused.
+# ruff: noqa: F401
+if TYPE_CHECKING:
+    from streamrl.transforms.base import Compose, Transform, TransformedEnv
+    from streamrl.transforms.episode import FrameSkip, NoopResetEnv, RewardSum, StepCounter
+    from streamrl.transforms.image import CatFrames, GrayScale, Resize, ToTensorImage
+    from streamrl.transforms.norm import CatTensors, DoubleToFloat, ObservationNorm, RewardScaling
+    from streamrl.transforms.video import VideoRecorder
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}; its public names are listed in "
+                             f"{__name__}.__all__", name=name, obj=sys.modules[__name__])
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__.copy()
+
+
+__all__ = sorted(_EXPORTS)
