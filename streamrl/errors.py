@@ -29,8 +29,12 @@ Messages say what was expected, what was got, and what to do.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import signal
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any, TypeVar, cast
 
 
 class StreamRLError(Exception):
@@ -201,3 +205,53 @@ class DiskFull(StreamRLError):
 class StoreDiskFull(StoreError, DiskFull):
     """A replay store's flush ran out of space (``ENOSPC``): ``.path`` names the store; the message says how many
     rows were not committed. The committed rows stay intact; free space and resume."""
+
+
+_Init = TypeVar("_Init", bound=Callable[..., None])
+
+
+def torchrl_names(owner: str, *, accept: Mapping[str, str] | None = None,
+                  convert: Mapping[str, Callable[[Any], str | None]] | None = None) -> Callable[[_Init], _Init]:
+    """Decorate a constructor so that TorchRL's argument names work, or fail saying what ours is.
+
+    ``accept`` maps a TorchRL name to ours where the meaning is the same: the keyword is renamed before the call
+    (given together with ours, it is a ``TypeError``). ``convert`` maps a TorchRL name to a function of its value
+    that returns the message of a ``TypeError`` (naming our argument and the conversion), or ``None`` where the
+    value means what ours does anyway (the keyword is then dropped); it may raise a ``ConfigError`` for a value we
+    cannot honour. Any other unknown keyword fails as Python would. The signature (and what mypy checks) is ours::
+
+        @torchrl_names("MultiStep", accept={"n_steps": "n"})
+        def __init__(self, gamma: float, n: int) -> None: ...
+
+        MultiStep(gamma=0.99, n_steps=3)      # the same as MultiStep(gamma=0.99, n=3)
+    """
+    accepted = dict(accept or {})
+    converted = dict(convert or {})
+
+    def decorate(init: _Init) -> _Init:
+        signature = inspect.signature(init)
+
+        @functools.wraps(init)
+        def wrapper(self: Any, *args: Any, **kwargs: Any) -> None:
+            for name in [key for key in kwargs if key in converted]:
+                message = converted[name](kwargs[name])
+                if message is not None:
+                    raise TypeError(message)
+                del kwargs[name]
+            aliases = {key: kwargs.pop(key) for key in list(kwargs) if key in accepted}
+            if aliases:
+                try:
+                    given: Mapping[str, Any] = signature.bind_partial(self, *args, **kwargs).arguments
+                except TypeError:  # an unknown keyword or too many arguments: the call below says which
+                    given = kwargs
+                for theirs, value in aliases.items():
+                    ours = accepted[theirs]
+                    if ours in given:
+                        raise TypeError(f"{owner}: {theirs}= is TorchRL's name for {ours}=; pass one of them, got "
+                                        f"both")
+                    kwargs[ours] = value
+            init(self, *args, **kwargs)
+
+        return cast(_Init, wrapper)
+
+    return decorate

@@ -15,7 +15,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, SupportsIndex, overload
 
 import numpy as np
 import torch
@@ -100,6 +100,11 @@ class Bounded(Spec):
         span = (self.high - self.low + 1).to(torch.float64)
         return (self.low + torch.floor(u * span).to(self.dtype)).to(self.dtype)
 
+    @property
+    def space(self) -> ContinuousBox:
+        """TorchRL's ``spec.space``: ``space.low``/``space.high`` are the bounds (also ``minimum``/``maximum``)."""
+        return ContinuousBox(self.low, self.high)
+
     def is_in(self, value: torch.Tensor) -> bool:
         return super().is_in(value) and bool(((value >= self.low) & (value <= self.high)).all())
 
@@ -120,11 +125,74 @@ def _compact(bound: torch.Tensor) -> str:
     return f"[{values}{', ...' if flat.numel() > 6 else ''}]"
 
 
+@dataclass(frozen=True)
+class DiscreteBox:
+    """The values of a discrete spec (TorchRL's ``spec.space``): ``n`` choices, ``0 .. n - 1``."""
+
+    n: int
+
+
+@dataclass(frozen=True)
+class ContinuousBox:
+    """The values of a :class:`Bounded` spec (TorchRL's ``spec.space``): ``low`` to ``high`` (elementwise).
+
+    ``minimum``/``maximum`` are the older TorchRL names of the same bounds.
+    """
+
+    low: torch.Tensor
+    high: torch.Tensor
+
+    @property
+    def minimum(self) -> torch.Tensor:
+        return self.low
+
+    @property
+    def maximum(self) -> torch.Tensor:
+        return self.high
+
+
+class IndexShape(tuple[int, ...]):
+    """The shape ``()`` of a :class:`Categorical` spec with one index per step: an empty tuple (equal to
+    ``torch.Size([])``) whose indexing fails saying to read ``spec.n``.
+
+    TorchRL users write ``env.action_spec.shape[-1]`` for the number of actions, which holds for TorchRL's one-hot
+    specs (shape ``[..., n]``); an index spec has no action dim, so that is an ``IndexError`` either way, here
+    with the fix in its message.
+    """
+
+    @overload
+    def __getitem__(self, index: SupportsIndex) -> int: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> tuple[int, ...]: ...
+
+    def __getitem__(self, index: SupportsIndex | slice) -> int | tuple[int, ...]:
+        if not isinstance(index, slice):
+            raise IndexError(f"a Categorical spec's shape is () (one action index per step, no action dim), so "
+                             f"shape[{index}] does not exist; the number of actions is spec.n (or spec.space.n). "
+                             f"TorchRL's shape[-1] is n for a one-hot spec (OneHot, shape [..., n])")
+        return super().__getitem__(index)
+
+
 @dataclass
 class Categorical(Spec):
-    """An index in ``[0, n)`` (``shape`` () for one choice, ``(k,)`` for k independent choices)."""
+    """An index in ``[0, n)`` (``shape`` () for one choice, ``(k,)`` for k independent choices).
+
+    ``n`` (and ``space.n``) is the number of choices. With shape ``()`` there is no action dim: ``shape[-1]``
+    raises an ``IndexError`` that says to read ``n`` (TorchRL's one-hot specs have shape ``[..., n]``).
+    """
 
     n: int = 2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if len(self.shape) == 0:
+            self.shape = IndexShape()
+
+    @property
+    def space(self) -> DiscreteBox:
+        """TorchRL's ``spec.space``: ``space.n`` is the number of choices."""
+        return DiscreteBox(self.n)
 
     def rand(self, batch: Batch = ()) -> torch.Tensor:
         return torch.randint(0, self.n, (*batch, *self.shape), device=self.device).to(self.dtype)
@@ -141,6 +209,11 @@ class OneHot(Spec):
     """A one-hot vector over ``n`` choices (last dim of ``shape`` is ``n``)."""
 
     n: int = 2
+
+    @property
+    def space(self) -> DiscreteBox:
+        """TorchRL's ``spec.space``: ``space.n`` is the number of choices."""
+        return DiscreteBox(self.n)
 
     def rand(self, batch: Batch = ()) -> torch.Tensor:
         index = torch.randint(0, self.n, (*batch, *self.shape[:-1]), device=self.device)

@@ -39,7 +39,7 @@ from tensordict.nn import (
 from torch import nn
 
 from streamrl.envs.specs import Bounded, Categorical, OneHot, Spec
-from streamrl.errors import ConfigError
+from streamrl.errors import ConfigError, torchrl_names
 from streamrl.modules.distributions import TanhNormal
 
 
@@ -49,9 +49,11 @@ class QValueActor(TensorDictModuleBase):
     Writes ``action_value`` (all Q-values, ``[..., n]``), ``chosen_action_value`` (``[..., 1]``, the Q-value of
     the action taken) and ``action``: an index when ``spec`` is a :class:`Categorical` (or no spec is given), a
     one-hot vector when it is a :class:`OneHot`, in the spec's dtype. ``one_hot=True``/``False`` overrides the
-    form the spec implies. Ties go to the lowest index.
+    form the spec implies. Ties go to the lowest index. TorchRL's ``in_keys=["pixels"]`` is accepted for
+    ``in_key="pixels"`` (one key: the network takes one input).
     """
 
+    @torchrl_names("QValueActor", accept={"in_keys": "in_key"})
     def __init__(
         self,
         value_net: nn.Module,
@@ -61,6 +63,12 @@ class QValueActor(TensorDictModuleBase):
         one_hot: bool | None = None,
     ) -> None:
         super().__init__()
+        if not isinstance(in_key, str):
+            keys = list(in_key)
+            if len(keys) != 1 or not isinstance(keys[0], str):
+                raise ConfigError(f"QValueActor reads one key (in_key=), got {keys}; to feed the network several "
+                                  f"entries, concatenate them first (a transform) and pass that key")
+            in_key = keys[0]
         if spec is not None and not isinstance(spec, (Categorical, OneHot)):
             raise TypeError(f"QValueActor: spec must be a Categorical or OneHot action spec, got {spec!r}")
         spec_one_hot = isinstance(spec, OneHot)

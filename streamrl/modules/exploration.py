@@ -28,7 +28,7 @@ from tensordict import TensorDictBase
 from tensordict.nn import InteractionType, TensorDictModuleBase, interaction_type
 
 from streamrl.envs.specs import Bounded, Categorical, OneHot, Unbounded
-from streamrl.errors import ConfigError
+from streamrl.errors import ConfigError, torchrl_names
 from streamrl.modules.actors import register_bounds
 
 _GREEDY = (InteractionType.DETERMINISTIC, InteractionType.MODE, InteractionType.MEAN)
@@ -41,9 +41,11 @@ class EGreedyModule(TensorDictModuleBase):
     stays at ``eps_end``. Random actions come from ``spec``: indices for a :class:`Categorical`, one-hot vectors
     for a :class:`OneHot` (each sample's whole action is replaced, never part of it). Without a spec, actions are
     indices in ``[0, n_actions)``. The frame count is saved in ``state_dict()``; deterministic interaction types
-    (``DETERMINISTIC``, ``MODE``, ``MEAN``) switch exploration off.
+    (``DETERMINISTIC``, ``MODE``, ``MEAN``) switch exploration off. TorchRL's ``annealing_num_steps`` (the same
+    count: frames passed to ``step``) is accepted for ``annealing_frames``.
     """
 
+    @torchrl_names("EGreedyModule", accept={"annealing_num_steps": "annealing_frames"})
     def __init__(
         self,
         n_actions: int | None = None,
@@ -188,9 +190,11 @@ class AdditiveGaussianModule(_ActionNoise):
 
     ``sigma`` (in action units) anneals linearly from ``sigma_init`` to ``sigma_end`` over ``annealing_frames``
     frames counted by :meth:`step`; ``mean`` shifts the noise. Off under ``DETERMINISTIC``, ``MODE`` and
-    ``MEAN`` (evaluation); the frame count is saved in ``state_dict()``.
+    ``MEAN`` (evaluation); the frame count is saved in ``state_dict()``. TorchRL's ``annealing_num_steps`` is
+    accepted for ``annealing_frames``.
     """
 
+    @torchrl_names("AdditiveGaussianModule", accept={"annealing_num_steps": "annealing_frames"})
     def __init__(
         self,
         spec: Bounded | Unbounded,
@@ -228,8 +232,10 @@ class OrnsteinUhlenbeckModule(_ActionNoise):
     state is per batch row, so one module serves one env group: with two groups sharing a policy stage
     (double buffering) their envs would share states. ``z`` restarts at 0 when the batch shape changes; it
     is not saved in ``state_dict()`` (the frame count is). Off under ``DETERMINISTIC``, ``MODE``, ``MEAN``.
+    TorchRL's ``annealing_num_steps`` is accepted for ``annealing_frames``.
     """
 
+    @torchrl_names("OrnsteinUhlenbeckModule", accept={"annealing_num_steps": "annealing_frames"})
     def __init__(
         self,
         spec: Bounded | Unbounded,

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from streamrl.errors import ConfigError
+from streamrl.errors import ConfigError, torchrl_names
 
 
 def _cells(num_cells: int | Sequence[int], depth: int | None, what: str) -> list[int]:
@@ -49,15 +49,23 @@ def _per_layer(value: int | Sequence[int], depth: int, name: str) -> list[int]:
     return values
 
 
+def _aggregator(value: Any) -> str:
+    return (f"ConvNet takes none of TorchRL's aggregator_class, aggregator_kwargs and squeeze_output (got one of "
+            f"them: {value!r}): it flattens [C', H', W'] at the end (flatten=True); to pool first, write "
+            f"nn.Sequential(ConvNet(..., flatten=False), nn.AdaptiveAvgPool2d(1), nn.Flatten(-3))")
+
+
 class MLP(nn.Sequential):
     """A multi-layer perceptron: hidden layers of ``activation`` (optionally normed), then a linear output.
 
     ``num_cells`` lists the hidden widths; an int with ``depth`` means ``depth`` layers of that width (``depth=0``:
     a single linear layer). ``in_features=None`` makes the first layer lazy: its size is taken from the first
     input. Each hidden layer is ``Linear -> norm_class(width) -> activation(**activation_kwargs)``;
-    ``activate_last`` adds an activation after the output layer.
+    ``activate_last`` adds an activation after the output layer. TorchRL's names ``activation_class`` and
+    ``activate_last_layer`` are accepted for ``activation`` and ``activate_last``.
     """
 
+    @torchrl_names("MLP", accept={"activation_class": "activation", "activate_last_layer": "activate_last"})
     def __init__(
         self,
         out_features: int,
@@ -95,9 +103,13 @@ class ConvNet(nn.Sequential):
     side of ``s`` pixels to ``(s + 2 * padding - kernel) // stride + 1``. Any number of leading batch dims is
     accepted (``[N, T, C, H, W]`` too): they are folded into one for the convolutions and restored after. With
     ``flatten=True`` the output is ``[*batch, C' * H' * W']``, otherwise ``[*batch, C', H', W']``.
-    ``in_features`` (input channels) ``None`` makes the first layer a ``LazyConv2d``.
+    ``in_features`` (input channels) ``None`` makes the first layer a ``LazyConv2d``. TorchRL's
+    ``activation_class`` is accepted for ``activation``; its ``aggregator_class`` and ``squeeze_output`` are refused
+    with what to write instead.
     """
 
+    @torchrl_names("ConvNet", accept={"activation_class": "activation"},
+                   convert=dict.fromkeys(("aggregator_class", "aggregator_kwargs", "squeeze_output"), _aggregator))
     def __init__(
         self,
         *,
@@ -141,23 +153,33 @@ class DuelingCnnDQNet(nn.Module):
     """A dueling Q-network over images: ``Q = V + A - mean_a(A)`` from heads on a shared :class:`ConvNet`.
 
     ``features`` is ``ConvNet(**cnn_kwargs)``; ``advantage`` (``out_features`` outputs) and ``value`` (one
-    output) are ``MLP(**mlp_kwargs)`` heads on its flattened output. The defaults are the Nature-DQN sizes
-    (convolutions of 32, 64, 64 channels, kernels 8, 4, 3, strides 4, 2, 1; one hidden layer of 512); all
-    input sizes are lazy.
+    output, or ``out_features_value``) are ``MLP(**mlp_kwargs)`` heads on its flattened output. The defaults are
+    the Nature-DQN sizes (convolutions of 32, 64, 64 channels, kernels 8, 4, 3, strides 4, 2, 1; one hidden layer
+    of 512); all input sizes are lazy. The arguments are TorchRL's, in its order: ``DuelingCnnDQNet(n_actions, 1,
+    cnn_kwargs, mlp_kwargs)`` works as there (the kwargs with TorchRL's names where :class:`MLP` and
+    :class:`ConvNet` accept them).
     """
 
     def __init__(
         self,
         out_features: int,
-        *,
+        out_features_value: int = 1,
         cnn_kwargs: dict[str, Any] | None = None,
         mlp_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        if out_features_value not in (1, out_features):
+            raise ConfigError(f"DuelingCnnDQNet: out_features_value must be 1 (one state value, the usual) or "
+                              f"out_features={out_features} (one per action), got {out_features_value=}")
+        for name, kwargs in (("cnn_kwargs", cnn_kwargs), ("mlp_kwargs", mlp_kwargs)):
+            if kwargs is not None and not isinstance(kwargs, dict):
+                raise TypeError(f"DuelingCnnDQNet: {name} must be a dict of keyword arguments, got "
+                                f"{type(kwargs).__name__}; the order is (out_features, out_features_value, "
+                                f"cnn_kwargs, mlp_kwargs)")
         mlp = {"num_cells": (512,), **(mlp_kwargs or {})}
         self.features = ConvNet(**(cnn_kwargs or {}))
         self.advantage = MLP(out_features, **mlp)
-        self.value = MLP(1, **mlp)
+        self.value = MLP(out_features_value, **mlp)
         self.out_features = out_features
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:

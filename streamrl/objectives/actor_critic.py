@@ -17,6 +17,8 @@ returns a distribution with ``rsample`` and ``log_prob`` (a :class:`~streamrl.Pr
 ``TanhNormal``). A critic reads the observation and ``"action"`` and writes ``"state_action_value"`` ``[B, 1]``.
 TD3 and SAC take twin critics: a list of critics, or one ensemble module whose ``"state_action_value"`` is
 ``[B, K]`` with ``K >= 2``. Build lazy networks (once through a batch) before the loss copies them into targets.
+TorchRL's ``actor_network=`` and ``value_network=`` (DDPG) or ``qvalue_network=`` (TD3, SAC) are accepted for
+``actor`` and ``critic``; ``delay_actor``/``delay_value`` True changes nothing (targets are always kept).
 
 The batch holds ``observation``, ``action`` and under ``next``: ``observation``, ``reward`` ``[B, 1]``,
 ``terminated`` ``[B, 1]``. Targets are ``r + gamma^n * (1 - terminated) * V(s')``: terminated transitions do
@@ -59,11 +61,20 @@ from torch import nn
 from torch.func import functional_call
 
 from streamrl.envs.specs import Bounded
-from streamrl.errors import ConfigError
+from streamrl.errors import ConfigError, torchrl_names
 
 LossFunction = Literal["l2", "smooth_l1", "l1"]
 _ELEMENTWISE = {"l2": nn.functional.mse_loss, "smooth_l1": nn.functional.smooth_l1_loss, "l1": nn.functional.l1_loss}
 VALUE_KEY = "state_action_value"
+
+
+def _delayed(value: Any) -> None:
+    """TorchRL's ``delay_actor``/``delay_value``: whether the loss keeps target networks. Ours always does."""
+    if not value:
+        raise ConfigError(f"the actor-critic losses always keep target networks (TorchRL's delay_actor=True, "
+                          f"delay_value=True), got {value!r}; drop the argument, and for targets that follow the "
+                          f"online networks at once step HardUpdate(loss, every=1) after each optimizer step")
+    return None
 
 
 def _check_built(module: nn.Module, what: str, loss: str) -> None:
@@ -170,6 +181,8 @@ class DDPGLoss(_ActorCriticLoss):
 
     max_critics = 1
 
+    @torchrl_names("DDPGLoss", accept={"actor_network": "actor", "value_network": "critic"},
+                   convert={"delay_actor": _delayed, "delay_value": _delayed})
     def __init__(self, actor: TensorDictModuleBase, critic: TensorDictModuleBase, *, gamma: float = 0.99,
                  loss_function: LossFunction = "l2") -> None:
         super().__init__(actor, critic, gamma=gamma, loss_function=loss_function, target_actor=True)
@@ -209,6 +222,7 @@ class TD3Loss(_ActorCriticLoss):
     low: torch.Tensor
     high: torch.Tensor
 
+    @torchrl_names("TD3Loss", accept={"actor_network": "actor", "qvalue_network": "critic"})
     def __init__(self, actor: TensorDictModuleBase, critic: TensorDictModuleBase | Sequence[TensorDictModuleBase],
                  *, action_spec: Bounded, gamma: float = 0.99, policy_noise: float = 0.2, noise_clip: float = 0.5,
                  policy_delay: int = 2, loss_function: LossFunction = "l2") -> None:
@@ -292,6 +306,7 @@ class SACLoss(_ActorCriticLoss):
 
     min_critics = 2
 
+    @torchrl_names("SACLoss", accept={"actor_network": "actor", "qvalue_network": "critic"})
     def __init__(self, actor: TensorDictModuleBase, critic: TensorDictModuleBase | Sequence[TensorDictModuleBase],
                  *, gamma: float = 0.99, alpha_init: float = 1.0, target_entropy: float | Literal["auto"] = "auto",
                  fixed_alpha: bool = False, loss_function: LossFunction = "l2") -> None:

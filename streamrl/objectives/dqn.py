@@ -23,13 +23,27 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torch import nn
 
-from streamrl.errors import ConfigError
+from streamrl.errors import ConfigError, torchrl_names
 from streamrl.modules.actors import QValueActor
 
 
-class DQNLoss(nn.Module):
-    """Temporal-difference loss for a Q-value network; see the module docstring."""
+def _delay_value(delay_value: object) -> None:
+    """TorchRL's ``delay_value``: whether the loss keeps a target network. Ours always does."""
+    if not delay_value:
+        raise ConfigError(f"DQNLoss always keeps a target network (TorchRL's delay_value=True), got {delay_value=}; "
+                          f"drop delay_value, and for a target that follows the online network at once step "
+                          f"HardUpdate(loss, every=1) after each optimizer step")
+    return None
 
+
+class DQNLoss(nn.Module):
+    """Temporal-difference loss for a Q-value network; see the module docstring.
+
+    From TorchRL: ``loss_function=`` is accepted as ``loss=``; ``delay_value=True`` is accepted and changes nothing
+    (the loss always has a target network), ``delay_value=False`` is refused.
+    """
+
+    @torchrl_names("DQNLoss", accept={"loss_function": "loss"}, convert={"delay_value": _delay_value})
     def __init__(
         self,
         value_network: QValueActor | nn.Module,

@@ -24,12 +24,18 @@ entropies are summed over the action's dims (a ``Normal`` over a vector action i
 ``loss_critic = critic_coef * mean(d(V(s), value_target))``, ``d`` the Huber (``"smooth_l1"``) or squared
 (``"l2"``) error. ``loss_entropy = -entropy_coef * mean(entropy)``: the distribution's ``entropy()``, or the
 one-sample estimate ``-log_prob(rsample())`` for distributions without one (a tanh-squashed normal).
+
+From TorchRL: ``actor_network=``/``critic_network=`` are accepted for ``actor``/``critic``, ``*_key`` keywords
+(``advantage_key="adv"``, ``value_target_key=...``) and ``loss.set_keys(advantage="adv")`` for the fields of
+:class:`LossKeys`; ``gamma=`` is refused (the value estimator takes it).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+from typing import Any, Literal, TypeVar
 
 import torch
 from tensordict import TensorDict, TensorDictBase
@@ -38,7 +44,7 @@ from tensordict.utils import NestedKey
 from torch import nn
 from torch.distributions import Distribution
 
-from streamrl.errors import ConfigError
+from streamrl.errors import ConfigError, torchrl_names
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,40 @@ class LossKeys:
     advantage: NestedKey = "advantage"
     value_target: NestedKey = "value_target"
     value: NestedKey = "state_value"
+
+
+_Init = TypeVar("_Init", bound=Callable[..., None])
+
+
+def _key_arguments(owner: str) -> Callable[[_Init], _Init]:
+    """Fold TorchRL's ``*_key`` keywords (``advantage_key="adv"``) into ``keys`` (``LossKeys(advantage="adv")``).
+
+    A ``*_key`` keyword that names no :class:`LossKeys` field fails with the fields there are.
+    """
+    def decorate(init: _Init) -> _Init:
+        @functools.wraps(init)
+        def wrapper(self: Any, *args: Any, **kwargs: Any) -> None:
+            renamed = {name.removesuffix("_key"): kwargs.pop(name) for name in list(kwargs) if name.endswith("_key")}
+            if renamed:
+                names = [f.name for f in fields(LossKeys)]
+                unknown = sorted(set(renamed) - set(names))
+                if unknown:
+                    raise TypeError(f"{owner}: no key named {[f'{u}_key' for u in unknown]}; the keys it reads are "
+                                    f"LossKeys fields {names}: pass keys=LossKeys({unknown[0]}=...) for one of them")
+                kwargs["keys"] = replace(kwargs.get("keys", LossKeys()), **renamed)
+            init(self, *args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def _gamma(gamma: Any) -> str:
+    return (f"the policy-gradient losses take no gamma (got gamma={gamma}): the discount belongs to the value "
+            f"estimator that writes advantage and value_target: GAE(gamma={gamma}, lmbda=..., value_network=critic)")
+
+
+_TORCHRL_NAMES: dict[str, str] = {"actor_network": "actor", "critic_network": "critic"}
 
 
 def _per_row(x: torch.Tensor, batch: TensorDictBase) -> torch.Tensor:
@@ -101,6 +141,16 @@ class _PolicyGradientLoss(nn.Module):
         self.normalize_advantage = normalize_advantage
         self.keys = keys
 
+    def set_keys(self, **keys: NestedKey) -> _PolicyGradientLoss:
+        """Rename the keys the loss reads (TorchRL's ``loss.set_keys(advantage="adv")``): fields of
+        :class:`LossKeys`. Returns the loss."""
+        names = [f.name for f in fields(LossKeys)]
+        unknown = sorted(set(keys) - set(names))
+        if unknown:
+            raise TypeError(f"{type(self).__name__}.set_keys: no key named {unknown}; the keys are {names}")
+        self.keys = replace(self.keys, **keys)
+        return self
+
     def objective(self, batch: TensorDictBase, log_prob: torch.Tensor,
                   advantage: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``(loss_objective, diagnostics)`` from per-row log-probabilities and advantages: here the plain
@@ -112,7 +162,12 @@ class _PolicyGradientLoss(nn.Module):
         keys = self.keys
         dist = self.actor.get_dist(batch.copy())  # a copy: loc, scale... (and their graphs) stay out of batch
         log_prob = _per_row(dist.log_prob(batch.get(keys.action)), batch)
-        advantage = batch.get(keys.advantage).reshape(batch.batch_size)
+        advantage = batch.get(keys.advantage, None)
+        if advantage is None:
+            raise KeyError(f"{type(self).__name__}: the batch has no {keys.advantage!r} (the advantage): run a value "
+                           f"estimator such as GAE on the chunk first, or name the key it writes with "
+                           f"keys=LossKeys(advantage=...) (TorchRL's advantage_key=)")
+        advantage = advantage.reshape(batch.batch_size)
         if self.normalize_advantage and advantage.numel() > 1:
             advantage = (advantage - advantage.mean()) / (advantage.std() + 1e-8)
         loss_objective, diagnostics = self.objective(batch, log_prob, advantage)
@@ -146,6 +201,8 @@ class ClipPPOLoss(_PolicyGradientLoss):
     as a fraction of the batch, ``sum(ratio)^2 / (n * sum(ratio^2))``), ``entropy`` (with the bonus).
     """
 
+    @_key_arguments("ClipPPOLoss")
+    @torchrl_names("ClipPPOLoss", accept=_TORCHRL_NAMES, convert={"gamma": _gamma})
     def __init__(
         self,
         actor: ProbabilisticTensorDictSequential,
@@ -189,6 +246,8 @@ class ClipPPOLoss(_PolicyGradientLoss):
 class A2CLoss(_PolicyGradientLoss):
     """Advantage actor-critic; see the module docstring. Diagnostics: ``entropy`` (with the bonus)."""
 
+    @_key_arguments("A2CLoss")
+    @torchrl_names("A2CLoss", accept=_TORCHRL_NAMES, convert={"gamma": _gamma})
     def __init__(
         self,
         actor: ProbabilisticTensorDictSequential,
@@ -209,6 +268,8 @@ class A2CLoss(_PolicyGradientLoss):
 class ReinforceLoss(_PolicyGradientLoss):
     """REINFORCE, with a learned baseline when ``critic`` is given; see the module docstring."""
 
+    @_key_arguments("ReinforceLoss")
+    @torchrl_names("ReinforceLoss", accept=_TORCHRL_NAMES, convert={"gamma": _gamma})
     def __init__(
         self,
         actor: ProbabilisticTensorDictSequential,

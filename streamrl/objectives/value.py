@@ -7,9 +7,10 @@ The functions take tensors whose **last dim is time**, ``[..., T]``, all of one 
     target = td_lambda_return(0.99, 0.95, reward, next_value, terminated, done)
     advantage, target = gae(0.99, 0.95, value, next_value, reward, terminated, done)
 
-Chunk entries are ``[num_envs, T, 1]``: pass ``x.squeeze(-1)``. The modules do it for you; they read a
-TensorDict with batch dims ``[..., T]`` (a chunk ``[num_envs, T]``), evaluate ``value_network`` (a keyed module
-writing ``"state_value"`` ``[..., 1]``) on the root and on ``"next"`` without gradients, and write
+Chunk entries are ``[num_envs, T, 1]``: pass ``x.squeeze(-1)``; a last dim of 1 (TorchRL's ``[..., T, 1]``) is
+refused with a ``ConfigError``, as it would read as ``T = 1`` (one-step estimates). The modules squeeze for you;
+they read a TensorDict with batch dims ``[..., T]`` (a chunk ``[num_envs, T]``), evaluate ``value_network`` (a
+keyed module writing ``"state_value"`` ``[..., 1]``) on the root and on ``"next"`` without gradients, and write
 ``"state_value"``, ``"advantage"`` and ``"value_target"`` (``[..., T, 1]``)::
 
     estimator = GAE(gamma=0.99, lmbda=0.95, value_network=critic, average_gae=True)
@@ -53,6 +54,12 @@ def _check(**tensors: torch.Tensor) -> None:
     if len(set(shapes.values())) != 1 or min(len(s) for s in shapes.values()) < 1:
         raise ValueError(f"value estimators take tensors of one shape [..., T], time last; got {shapes}. "
                          f"Chunk entries [..., T, 1] need .squeeze(-1).")
+    shape = next(iter(shapes.values()))
+    if len(shape) >= 2 and shape[-1] == 1:
+        raise ConfigError(f"value estimators take tensors [..., T], time last; got shape {shape}, whose last dim "
+                          f"of 1 would be read as T=1 (one-step estimates, no recursion over time): TorchRL's "
+                          f"[..., T, 1]? squeeze the last dim: ours take [..., T] (x.squeeze(-1)). For chunks of "
+                          f"one step (T=1), use a keyed estimator (GAE(...)(chunk)), which reads both shapes")
 
 
 def _ends(terminated: torch.Tensor, done: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,6 +93,10 @@ def td0_return(gamma: float, reward: torch.Tensor, next_value: torch.Tensor,
                terminated: torch.Tensor) -> torch.Tensor:
     """One-step target ``r_t + gamma * V'_t``, with ``V'_t = 0`` where ``terminated``. Shapes ``[..., T]``."""
     _check(reward=reward, next_value=next_value, terminated=terminated)
+    return _td0(gamma, reward, next_value, terminated)
+
+
+def _td0(gamma: float, reward: torch.Tensor, next_value: torch.Tensor, terminated: torch.Tensor) -> torch.Tensor:
     return reward + gamma * next_value.masked_fill(terminated.bool(), 0.0)
 
 
@@ -96,6 +107,11 @@ def td1_return(gamma: float, reward: torch.Tensor, next_value: torch.Tensor, ter
     ``G_t = r_t + gamma * G_{t+1}`` inside an episode; ``r_t + gamma * V'_t`` where it stops (0 if terminated).
     """
     _check(reward=reward, next_value=next_value, terminated=terminated, done=done)
+    return _td1(gamma, reward, next_value, terminated, done)
+
+
+def _td1(gamma: float, reward: torch.Tensor, next_value: torch.Tensor, terminated: torch.Tensor,
+         done: torch.Tensor) -> torch.Tensor:
     terminated, stop = _ends(terminated, done)
     bootstrap = next_value.masked_fill(~stop | terminated, 0.0)
     return _reverse_scan(reward + gamma * bootstrap, gamma * (~stop).to(reward.dtype))
@@ -106,6 +122,11 @@ def td_lambda_return(gamma: float, lmbda: float, reward: torch.Tensor, next_valu
     """``G_t = r_t + gamma * ((1 - lmbda) * V'_t + lmbda * G_{t+1})`` inside an episode, ``r_t + gamma * V'_t``
     where it stops (0 if terminated). ``lmbda=0`` gives :func:`td0_return`, ``lmbda=1`` :func:`td1_return`."""
     _check(reward=reward, next_value=next_value, terminated=terminated, done=done)
+    return _td_lambda(gamma, lmbda, reward, next_value, terminated, done)
+
+
+def _td_lambda(gamma: float, lmbda: float, reward: torch.Tensor, next_value: torch.Tensor,
+               terminated: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
     terminated, stop = _ends(terminated, done)
     weight = torch.where(stop, 1.0, 1.0 - lmbda).to(reward.dtype)
     bootstrap = next_value.masked_fill(terminated, 0.0) * weight
@@ -120,6 +141,11 @@ def gae(gamma: float, lmbda: float, value: torch.Tensor, next_value: torch.Tenso
     ``A_t = delta_t + gamma * lmbda * A_{t+1}`` inside an episode, ``A_t = delta_t`` where it stops.
     """
     _check(value=value, next_value=next_value, reward=reward, terminated=terminated, done=done)
+    return _gae(gamma, lmbda, value, next_value, reward, terminated, done)
+
+
+def _gae(gamma: float, lmbda: float, value: torch.Tensor, next_value: torch.Tensor, reward: torch.Tensor,
+         terminated: torch.Tensor, done: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     terminated, stop = _ends(terminated, done)
     delta = reward + gamma * next_value.masked_fill(terminated, 0.0) - value
     advantage = _reverse_scan(delta, gamma * lmbda * (~stop).to(reward.dtype))
@@ -205,7 +231,7 @@ class TD0Estimator(ValueEstimator):
 
     def estimate(self, value: torch.Tensor, next_value: torch.Tensor, reward: torch.Tensor,
                  terminated: torch.Tensor, done: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        target = td0_return(self.gamma, reward, next_value, terminated)
+        target = _td0(self.gamma, reward, next_value, terminated)  # shapes checked by forward: no T=1 refusal
         return target - value, target
 
 
@@ -214,7 +240,7 @@ class TD1Estimator(ValueEstimator):
 
     def estimate(self, value: torch.Tensor, next_value: torch.Tensor, reward: torch.Tensor,
                  terminated: torch.Tensor, done: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        target = td1_return(self.gamma, reward, next_value, terminated, done)
+        target = _td1(self.gamma, reward, next_value, terminated, done)
         return target - value, target
 
 
@@ -228,7 +254,7 @@ class TDLambdaEstimator(ValueEstimator):
 
     def estimate(self, value: torch.Tensor, next_value: torch.Tensor, reward: torch.Tensor,
                  terminated: torch.Tensor, done: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        target = td_lambda_return(self.gamma, self.lmbda, reward, next_value, terminated, done)
+        target = _td_lambda(self.gamma, self.lmbda, reward, next_value, terminated, done)
         return target - value, target
 
 
@@ -243,7 +269,7 @@ class GAE(ValueEstimator):
 
     def estimate(self, value: torch.Tensor, next_value: torch.Tensor, reward: torch.Tensor,
                  terminated: torch.Tensor, done: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return gae(self.gamma, self.lmbda, value, next_value, reward, terminated, done)
+        return _gae(self.gamma, self.lmbda, value, next_value, reward, terminated, done)
 
     def forward(self, td: TensorDictBase) -> TensorDictBase:
         td = super().forward(td)

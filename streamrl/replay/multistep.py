@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from tensordict import TensorDictBase
 
-from streamrl.errors import ConfigError
+from streamrl.errors import ConfigError, torchrl_names
 from streamrl.transforms.base import Transform
 
 
@@ -24,8 +24,10 @@ class MultiStep(Transform):
     """``n``-step discounted returns within each chunk ``[num_envs, T]``; see the module docstring.
 
     A chunk transform only: on an env (``TransformedEnv``) it does nothing, a step has no future to sum.
+    TorchRL's ``n_steps`` is accepted for ``n``: ``MultiStep(gamma=0.99, n_steps=3)``.
     """
 
+    @torchrl_names("MultiStep", accept={"n_steps": "n"})
     def __init__(self, gamma: float, n: int) -> None:
         super().__init__()
         if n < 1:

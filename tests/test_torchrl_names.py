@@ -1,0 +1,224 @@
+"""TorchRL's argument names, as the tutorials pass them: accepted where the meaning is ours, refused with the
+conversion where it is not (issue 14, "familiar names, clear errors")."""
+
+import warnings
+
+import pytest
+import torch
+from tensordict import TensorDict
+from tensordict.nn import NormalParamExtractor, TensorDictModule
+from torch import nn
+
+from streamrl.envs.specs import Bounded, Categorical, OneHot
+from streamrl.errors import ConfigError, torchrl_names
+from streamrl.modules.actors import Actor, ProbabilisticActor, QValueActor, ValueOperator
+from streamrl.modules.exploration import AdditiveGaussianModule, EGreedyModule, OrnsteinUhlenbeckModule
+from streamrl.modules.nets import MLP, ConvNet, DuelingCnnDQNet
+from streamrl.objectives.actor_critic import DDPGLoss, TD3Loss
+from streamrl.objectives.dqn import DQNLoss
+from streamrl.objectives.ppo import A2CLoss, ClipPPOLoss, LossKeys
+from streamrl.objectives.updaters import HardUpdate, SoftUpdate
+from streamrl.objectives.value import gae, td0_return, td1_return, td_lambda_return
+from streamrl.replay.multistep import MultiStep
+
+
+def q_actor() -> QValueActor:
+    return QValueActor(MLP(2, in_features=4, num_cells=(8,)))
+
+
+def ddpg_parts() -> tuple[Actor, ValueOperator]:
+    actor = Actor(MLP(1, in_features=3, num_cells=(8,)), spec=Bounded(shape=(1,), dtype=torch.float32, low=-2, high=2))
+    critic = ValueOperator(MLP(1, in_features=4, num_cells=(8,)), in_keys=("observation", "action"))
+    return actor, critic
+
+
+def ppo_parts() -> tuple[ProbabilisticActor, ValueOperator]:
+    net = TensorDictModule(nn.Sequential(MLP(2, in_features=3, num_cells=(8,)), NormalParamExtractor()),
+                           in_keys=["observation"], out_keys=["loc", "scale"])
+    return ProbabilisticActor(net), ValueOperator(MLP(1, in_features=3, num_cells=(8,)))
+
+
+# -- target updaters -------------------------------------------------------------------------------------------
+
+
+def test_soft_update_refuses_torchrl_eps_with_the_tau_it_means():
+    with pytest.raises(TypeError, match=r"SoftUpdate takes tau, the weight of the online network; TorchRL's "
+                                        r"eps=0\.995 \(the weight of the target\) is tau=0\.005"):
+        SoftUpdate(DQNLoss(q_actor()), eps=0.995)
+
+
+def test_soft_update_warns_of_a_tau_that_looks_like_an_eps():
+    loss = DQNLoss(q_actor())
+    with pytest.warns(UserWarning, match=r"tau=0\.995 moves the target network 99\.5% of the way.*TorchRL's eps"):
+        updater = SoftUpdate(loss, tau=0.995)
+    assert updater.tau == 0.995
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SoftUpdate(loss, tau=0.005)  # the usual values say nothing
+
+
+def test_hard_update_accepts_value_network_update_interval():
+    loss = DQNLoss(q_actor())
+    assert HardUpdate(loss, value_network_update_interval=7).every == 7
+    with pytest.raises(TypeError, match=r"value_network_update_interval= is TorchRL's name for every=; pass one"):
+        HardUpdate(loss, value_network_update_interval=7, every=3)
+
+
+# -- losses ----------------------------------------------------------------------------------------------------
+
+
+def test_dqn_loss_accepts_delay_value_true_and_refuses_false():
+    assert DQNLoss(q_actor(), delay_value=True).target_value_net is not None
+    with pytest.raises(ConfigError, match=r"DQNLoss always keeps a target network.*HardUpdate\(loss, every=1\)"):
+        DQNLoss(q_actor(), delay_value=False)
+    assert DQNLoss(q_actor(), loss_function="l2").loss_type == "l2"
+
+
+def test_ddpg_loss_accepts_actor_network_and_value_network():
+    actor, critic = ddpg_parts()
+    loss = DDPGLoss(actor_network=actor, value_network=critic)
+    assert loss.actor is actor and loss.critics[0] is critic
+    with pytest.raises(TypeError, match=r"actor_network= is TorchRL's name for actor=; pass one of them"):
+        DDPGLoss(actor, actor_network=actor, value_network=critic)
+    with pytest.raises(ConfigError, match=r"always keep target networks.*delay_actor=True"):
+        DDPGLoss(actor, critic, delay_actor=False)
+
+
+def test_td3_loss_accepts_qvalue_network():
+    actor, critic = ddpg_parts()
+    _, critic2 = ddpg_parts()
+    loss = TD3Loss(actor_network=actor, qvalue_network=[critic, critic2], action_spec=actor.spec)
+    assert len(loss.critics) == 2
+
+
+def test_ppo_losses_map_torchrl_key_arguments_onto_loss_keys():
+    actor, critic = ppo_parts()
+    loss = ClipPPOLoss(actor=actor, critic=critic, advantage_key="adv", value_target_key="target")
+    assert loss.keys == LossKeys(advantage="adv", value_target="target")
+    loss = A2CLoss(actor_network=actor, critic_network=critic, keys=LossKeys(action="act"), value_key="v")
+    assert loss.keys == LossKeys(action="act", value="v")
+    assert loss.set_keys(advantage="a").keys.advantage == "a"
+    with pytest.raises(TypeError, match=r"no key named \['foo_key'\]; the keys it reads are LossKeys fields"):
+        ClipPPOLoss(actor, critic, foo_key="x")
+    with pytest.raises(TypeError, match=r"take no gamma \(got gamma=0\.99\).*GAE\(gamma=0\.99"):
+        ClipPPOLoss(actor, critic, gamma=0.99)
+
+
+def test_ppo_loss_reads_the_key_named_the_torchrl_way():
+    actor, critic = ppo_parts()
+    batch = TensorDict({"observation": torch.randn(5, 3), "action": torch.rand(5, 1) * 1.8 - 0.9,
+                        "sample_log_prob": torch.zeros(5), "adv": torch.randn(5, 1),
+                        "value_target": torch.randn(5, 1)}, [5])
+    ClipPPOLoss(actor, critic, advantage_key="adv")(batch)
+    with pytest.raises(KeyError, match=r"no 'advantage'.*LossKeys\(advantage=\.\.\.\) \(TorchRL's advantage_key=\)"):
+        ClipPPOLoss(actor, critic)(batch)  # the default "advantage" is not in the batch
+
+
+# -- modules ---------------------------------------------------------------------------------------------------
+
+
+def test_q_value_actor_accepts_in_keys_of_one_key():
+    actor = QValueActor(MLP(2, in_features=4), in_keys=["pixels"])
+    assert actor.in_keys == ["pixels"]
+    assert actor(TensorDict({"pixels": torch.randn(3, 4)}, [3]))["action"].shape == (3,)
+    with pytest.raises(ConfigError, match=r"QValueActor reads one key \(in_key=\), got \['a', 'b'\]"):
+        QValueActor(MLP(2), in_keys=["a", "b"])
+
+
+def test_exploration_modules_accept_annealing_num_steps():
+    explore = EGreedyModule(2, eps_init=1.0, eps_end=0.0, annealing_num_steps=10)
+    explore.step(5)
+    assert explore.annealing_frames == 10 and explore.eps == pytest.approx(0.5)
+    spec = Bounded(shape=(1,), dtype=torch.float32, low=-1, high=1)
+    assert AdditiveGaussianModule(spec, annealing_num_steps=20).annealing_frames == 20
+    assert OrnsteinUhlenbeckModule(spec, annealing_num_steps=30).annealing_frames == 30
+
+
+def test_mlp_and_convnet_accept_activation_class():
+    mlp = MLP(2, in_features=3, num_cells=(4,), activation_class=nn.ELU, activate_last_layer=True)
+    assert [type(m) for m in mlp] == [nn.Linear, nn.ELU, nn.Linear, nn.ELU]
+    assert any(isinstance(m, nn.Tanh) for m in ConvNet(num_cells=(4,), kernel_sizes=3, strides=1,
+                                                       activation_class=nn.Tanh))
+    with pytest.raises(TypeError, match=r"takes none of TorchRL's aggregator_class.*nn\.AdaptiveAvgPool2d"):
+        ConvNet(aggregator_class=nn.AdaptiveAvgPool2d)
+
+
+def test_dueling_cnn_takes_torchrl_positional_arguments():
+    cnn = {"num_cells": [4, 8], "kernel_sizes": [3, 3], "strides": [2, 1], "activation_class": nn.ELU}
+    mlp = {"depth": 1, "num_cells": [16], "activation_class": nn.ELU}
+    net = DuelingCnnDQNet(2, 1, cnn, mlp)
+    assert net(torch.rand(5, 3, 12, 12)).shape == (5, 2)
+    assert any(isinstance(m, nn.ELU) for m in net.features) and any(isinstance(m, nn.ELU) for m in net.value)
+    net = DuelingCnnDQNet(2, 1, {}, {})
+    assert net(torch.rand(1, 3, 64, 64)).shape == (1, 2)
+    with pytest.raises(ConfigError, match=r"out_features_value must be 1 .* or out_features=2"):
+        DuelingCnnDQNet(2, 3)
+
+
+def test_multistep_accepts_n_steps():
+    assert MultiStep(gamma=0.9, n_steps=3).n == 3
+
+
+# -- specs -----------------------------------------------------------------------------------------------------
+
+
+def test_discrete_specs_answer_shape_n_and_space():
+    categorical = Categorical(shape=(), dtype=torch.int64, n=2)
+    assert categorical.shape == torch.Size([]) and len(categorical.shape) == 0
+    assert categorical.n == 2 and categorical.space.n == 2
+    with pytest.raises(IndexError, match=r"shape is \(\) .* shape\[-1\] does not exist; the number of actions is "
+                                         r"spec\.n"):
+        categorical.shape[-1]
+    assert categorical.shape[:-1] == ()
+    one_hot = OneHot(shape=(3,), dtype=torch.int64, n=3)
+    assert one_hot.shape[-1] == 3 and one_hot.space.n == 3
+    bounded = Bounded(shape=(2,), dtype=torch.float32, low=-1.0, high=2.0)
+    assert torch.equal(bounded.space.low, bounded.low) and torch.equal(bounded.space.maximum, bounded.high)
+
+
+def test_gym_cartpole_action_spec_says_to_use_n():
+    from streamrl.envs.gym import GymEnv
+
+    env = GymEnv("CartPole-v1", num_envs=1)
+    try:
+        assert env.action_spec.n == 2 and env.action_spec.space.n == 2
+        with pytest.raises(IndexError, match=r"spec\.n"):
+            env.action_spec.shape[-1]
+    finally:
+        env.close()
+
+
+# -- value functions -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fn", ["td0", "td1", "td_lambda", "gae"])
+def test_value_functions_refuse_torchrl_shaped_tensors(fn):
+    x = torch.rand(4, 10, 1)  # TorchRL's [..., T, 1]: read as T=1 it would give one-step estimates
+    call = {
+        "td0": lambda: td0_return(0.99, x, x, x < 0),
+        "td1": lambda: td1_return(0.99, x, x, x < 0, x < 0),
+        "td_lambda": lambda: td_lambda_return(0.99, 0.95, x, x, x < 0, x < 0),
+        "gae": lambda: gae(0.99, 0.95, x, x, x, x < 0, x < 0),
+    }[fn]
+    with pytest.raises(ConfigError, match=r"got shape \(4, 10, 1\).*squeeze the last dim: ours take \[\.\.\., T\]"):
+        call()
+    squeezed = x.squeeze(-1)
+    assert gae(0.99, 0.95, squeezed, squeezed, squeezed, squeezed < 0, squeezed < 0)[0].shape == (4, 10)
+
+
+# -- the helper ------------------------------------------------------------------------------------------------
+
+
+def test_torchrl_names_keeps_other_errors_as_python_gives_them():
+    class Thing:
+        @torchrl_names("Thing", accept={"old": "new"}, convert={"gone": lambda value: f"no gone, got {value}"})
+        def __init__(self, new: int = 0) -> None:
+            self.new = new
+
+    assert Thing(old=3).new == 3 and Thing(4).new == 4
+    with pytest.raises(TypeError, match=r"old= is TorchRL's name for new=; pass one of them, got both"):
+        Thing(4, old=3)  # ours given by position counts too
+    with pytest.raises(TypeError, match=r"no gone, got 1"):
+        Thing(gone=1)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'typo'"):
+        Thing(typo=1)
