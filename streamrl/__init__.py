@@ -22,6 +22,7 @@ _SUBPACKAGES = ("envs", "modules", "objectives", "replay", "transforms")
 _EXPORTS: dict[str, str] = {
     "AdvantageStage": "streamrl.stages.advantage",
     "BrokenStreamError": "streamrl.errors",
+    "CSVSink": "streamrl.hooks.loggers",
     "Checkpoint": "streamrl.hooks.checkpoint",
     "CheckpointError": "streamrl.errors",
     "ClosedStreamError": "streamrl.errors",
@@ -39,6 +40,7 @@ _EXPORTS: dict[str, str] = {
     "EveryBatch": "streamrl.stages.learner",
     "Hook": "streamrl.events",
     "LearnerStage": "streamrl.stages.learner",
+    "Logger": "streamrl.hooks.loggers",
     "MetricsCSV": "streamrl.hooks.logging",
     "NonFiniteError": "streamrl.errors",
     "Pipeline": "streamrl.pipeline",
@@ -56,6 +58,7 @@ _EXPORTS: dict[str, str] = {
     "RunResult": "streamrl.execution.main",
     "SamplerStage": "streamrl.stages.replay",
     "SendStream": "streamrl.streams",
+    "Sink": "streamrl.hooks.loggers",
     "Stage": "streamrl.stages.base",
     "StageContext": "streamrl.stages.base",
     "StageFailed": "streamrl.errors",
@@ -63,7 +66,9 @@ _EXPORTS: dict[str, str] = {
     "StreamError": "streamrl.errors",
     "StreamRLError": "streamrl.errors",
     "StreamStatistics": "streamrl.streams",
+    "TensorBoardSink": "streamrl.hooks.loggers",
     "TransformStage": "streamrl.stages.transform",
+    "WandbSink": "streamrl.hooks.loggers",
     "WorkerDied": "streamrl.errors",
     "WouldBlock": "streamrl.errors",
     "WriterStage": "streamrl.stages.replay",
@@ -138,6 +143,7 @@ if TYPE_CHECKING:
     from streamrl.execution.main import RunResult, run
     from streamrl.hooks.checkpoint import Checkpoint
     from streamrl.hooks.eval import Evaluate, evaluate
+    from streamrl.hooks.loggers import CSVSink, Logger, Sink, TensorBoardSink, WandbSink
     from streamrl.hooks.logging import EventLog, MetricsCSV
     from streamrl.hooks.priority import PriorityUpdate
     from streamrl.hooks.progress import ProgressBar

@@ -1,16 +1,23 @@
-"""Learning curves of a run directory, as a PNG.
+"""Learning curves of run directories, as a PNG.
 
     streamrl plot runs/dqn_cartpole            # writes runs/dqn_cartpole/curves.png
 
-Reads ``metrics.csv``: episode return (training episodes, mean per row) and evaluation return against frames,
-and the loss on a second panel.
+:func:`plot_run` reads ``metrics.csv``: episode return (training episodes, mean per row) and evaluation return
+against frames, and the loss on a second panel. :func:`plot_runs` draws any scalars by name (from
+``scalars.csv``, which ``Logger(CSVSink())`` writes) of several runs on one figure, seeds of one pipeline as
+their mean ± standard deviation::
+
+    plot_runs(["runs/dqn_s0", "runs/dqn_s1"], scalars=("eval/return", "train/loss"), out="dqn.png")
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Literal
 
 from streamrl.errors import ConfigError
 
@@ -66,6 +73,168 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     top.set_title(run_dir.name)
     fig.tight_layout()
     target = Path(out) if out is not None else run_dir / "curves.png"
+    fig.savefig(target, dpi=120)
+    plt.close(fig)
+    return target
+
+
+#: Older runs (``metrics.csv`` only): the column each scalar name was written under.
+METRICS_COLUMNS = {"eval/return": "eval_return", "collect/episode_return": "episode_return",
+                   "collect/episode_length": "episode_length", "collect/frames_per_s": "frames_per_s",
+                   "collect/episodes": "episodes", "train/loss": "loss", "train/step": "optim_steps",
+                   "train/age_mean": "batch_age_mean"}
+
+
+def read_scalars(run_dir: str | Path, x: str = "frames") -> dict[str, tuple[list[float], list[float]]]:
+    """Every scalar of a run: name -> (x values, values), from ``scalars.csv`` (written by
+    ``Logger(CSVSink())``), else from the columns of ``metrics.csv`` under the names ``Logger`` uses
+    (``eval/return``, ``train/loss``...; see :data:`METRICS_COLUMNS`) and their own column names."""
+    run_dir = Path(run_dir)
+    if x not in ("frames", "wall_s"):
+        raise ConfigError(f"x must be 'frames' or 'wall_s', got {x!r}")
+    scalars_csv, metrics = run_dir / "scalars.csv", run_dir / "metrics.csv"
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    if scalars_csv.exists():
+        with open(scalars_csv, newline="") as f:
+            for row in csv.DictReader(f):
+                xs, ys = series.setdefault(row["name"], ([], []))
+                xs.append(float(row[x]))
+                ys.append(float(row["value"]))
+        return series
+    if not metrics.exists():
+        raise ConfigError(f"{str(run_dir)!r} has neither scalars.csv nor metrics.csv; give the directory of a run "
+                          "(streamrl run --out DIR) that logged with Logger(CSVSink()) or MetricsCSV")
+    with open(metrics, newline="") as f:
+        rows = list(csv.DictReader(f))
+    columns = [c for c in (rows[0] if rows else {}) if c not in ("frames", "wall_s")]
+    names = {**{c: c for c in columns}, **{n: c for n, c in METRICS_COLUMNS.items() if c in columns}}
+    for name, column in names.items():
+        xs, ys = [], []
+        for row in rows:
+            if row.get(column):
+                xs.append(float(row[x]))
+                ys.append(float(row[column]))
+        if xs:
+            series[name] = (xs, ys)
+    return series
+
+
+def _sorted(xs: list[float], ys: list[float]) -> tuple[list[float], list[float]]:
+    """The points in order of x (a run resumed from an earlier checkpoint logs some frames twice)."""
+    order = sorted(range(len(xs)), key=xs.__getitem__)
+    return [xs[i] for i in order], [ys[i] for i in order]
+
+
+def _pipeline_of(run_dir: Path) -> str:
+    """The pipeline a run ran: ``summary.json``'s ``pipeline`` name, else ``config.json``'s pipeline file, else
+    the directory's name."""
+    for filename, read in (("summary.json", lambda r: r.get("pipeline")),
+                           ("config.json", lambda r: r.get("pipeline") and Path(r["pipeline"]).stem)):
+        try:
+            name = read(json.loads((run_dir / filename).read_text()))
+        except (OSError, ValueError, AttributeError):
+            continue
+        if name:
+            return str(name)
+    return run_dir.name
+
+
+def plot_runs(
+    run_dirs: Sequence[str | Path],
+    scalars: Sequence[str] = ("eval/return",),
+    out: str | Path | None = None,
+    *,
+    group: Literal["pipeline", "run"] | Callable[[Path], str] = "pipeline",
+    x: Literal["frames", "wall_s"] = "frames",
+) -> Path:
+    """Draw several runs on one figure: one panel per scalar, against env frames (or seconds, ``x="wall_s"``).
+
+    ::
+
+        plot_runs(["runs/dqn_s0", "runs/dqn_s1", "runs/dqn_s2", "runs/ppo_s0"], ("eval/return", "train/loss"))
+
+    Each scalar is read by name from the run's ``scalars.csv`` (``Logger(CSVSink())``: ``eval/return``,
+    ``collect/episode_return``, ``train/loss``, ``train/grad_norm``, ...); a run with only ``metrics.csv`` (older
+    runs) gives its columns, under the same names where one matches (see :func:`read_scalars`).
+
+    ``group="pipeline"`` (the default) treats runs of the same pipeline (``summary.json``'s name) as seeds of one
+    experiment: a group of several runs is drawn as its mean (a line) and its mean ± standard deviation (a band),
+    over the frames every run of the group reached (each run's curve interpolated there), with each run faintly
+    behind; a lone run is one line. ``group="run"`` draws every run alone; a callable maps a run directory to its
+    group's label (e.g. to separate two configurations of one pipeline).
+
+    ``out`` defaults to ``<run dir>/scalars.png`` for one run, ``runs.png`` in the runs' common parent directory
+    for several. Returns the path written. A scalar no run has raises :class:`~streamrl.errors.ConfigError`
+    listing the names the runs have.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    dirs = [Path(d) for d in run_dirs]
+    if not dirs:
+        raise ConfigError("plot_runs needs at least one run directory, got none")
+    if isinstance(scalars, str):
+        scalars = (scalars,)
+    if not scalars:
+        raise ConfigError("plot_runs needs at least one scalar name, got none (e.g. scalars=('eval/return',))")
+    for d in dirs:
+        if not d.is_dir():
+            raise ConfigError(f"{str(d)!r} is not a directory; give the directories of runs (streamrl run --out DIR)")
+    data = {d: read_scalars(d, x) for d in dirs}
+    known = sorted({name for series in data.values() for name in series})
+    missing = [s for s in scalars if not any(s in series for series in data.values())]
+    if missing:
+        raise ConfigError(f"no run has the scalar(s) {', '.join(map(repr, missing))}; the runs have: "
+                          f"{', '.join(known) or 'none (their CSV files are empty)'}")
+    if group == "pipeline":
+        label_of: Callable[[Path], str] = _pipeline_of
+    elif group == "run":
+        label_of = lambda d: d.name  # noqa: E731
+    elif callable(group):
+        label_of = group
+    else:
+        raise ConfigError(f"group must be 'pipeline', 'run' or a callable (run dir -> label), got {group!r}")
+    groups: dict[str, list[Path]] = {}
+    for d in dirs:
+        groups.setdefault(label_of(d), []).append(d)
+
+    fig, axes = plt.subplots(len(scalars), 1, figsize=(8, 3 * len(scalars) + 1), sharex=True, squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, scalar in zip(axes[:, 0], scalars, strict=True):
+        for i, (label, members) in enumerate(groups.items()):
+            color = colors[i % len(colors)]
+            curves = [data[d][scalar] for d in members if data[d].get(scalar, ((), ()))[0]]
+            if not curves:
+                continue
+            marker = "o" if max(len(xs) for xs, _ in curves) < 3 else None  # a point or two: make them visible
+            if len(curves) == 1:
+                ax.plot(*curves[0], color=color, label=label, marker=marker)
+                continue
+            for xs, ys in curves:
+                ax.plot(xs, ys, color=color, alpha=0.25, linewidth=0.8)
+            lo, hi = max(min(xs) for xs, _ in curves), min(max(xs) for xs, _ in curves)
+            grid = np.linspace(lo, hi, 200) if hi > lo else np.array([hi])
+            stacked = np.stack([np.interp(grid, *_sorted(xs, ys)) for xs, ys in curves])
+            mean, std = stacked.mean(axis=0), stacked.std(axis=0)
+            ax.plot(grid, mean, color=color, label=f"{label} (mean of {len(curves)})",
+                    marker="o" if len(grid) == 1 else None)
+            ax.fill_between(grid, mean - std, mean + std, color=color, alpha=0.2)
+            if len(grid) == 1:
+                ax.errorbar(grid, mean, yerr=std, color=color, capsize=4)
+        ax.set_ylabel(scalar)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize="small")
+    axes[-1, 0].set_xlabel("env frames" if x == "frames" else "seconds")
+    fig.tight_layout()
+    if out is not None:
+        target = Path(out)
+    elif len(dirs) == 1:
+        target = dirs[0] / "scalars.png"
+    else:
+        target = Path(os.path.commonpath([d.resolve() for d in dirs])) / "runs.png"
     fig.savefig(target, dpi=120)
     plt.close(fig)
     return target

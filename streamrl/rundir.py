@@ -37,7 +37,8 @@ from types import TracebackType
 from streamrl.errors import DiskFull, RunDirError
 
 LOCK_NAME = ".lock"
-RUN_FILES = ("config.json", "summary.json", "metrics.csv", "events.jsonl", "curves.png")
+RUN_FILES = ("config.json", "summary.json", "status.json", "metrics.csv", "scalars.csv", "events.jsonl", "curves.png",
+             "tensorboard", "wandb")
 RUN_FILE_PATTERNS = ("checkpoint*.pt", "*.tmp")
 
 _held_fds: set[int] = set()  # descriptors of the run-directory locks this process holds
