@@ -59,6 +59,7 @@ from streamrl.errors import DiskFull
 from streamrl.events import EventBus
 from streamrl.execution.context import RunContext, resolve_device
 from streamrl.execution.process import ProcessRun, calm_gc, loop_options
+from streamrl.execution.status import StatusWriter
 from streamrl.execution.worker import WorkerGroup
 from streamrl.pipeline import MAIN, Pipeline
 from streamrl.rundir import resume_advice
@@ -220,14 +221,17 @@ async def _run_validated(
         await bus.publish("run_start", pipeline.name,
                           {"run_dir": str(run.run_dir), "seed": run.seed, "device": str(run.device)})
 
+    status = StatusWriter(run, process, workers)  # status.json, about once a second, for streamrl top
     async with anyio.create_task_group() as guard:
         if handle_signals:  # started first and stopped last: signals are handled until the summary is written
             await guard.start(_watch_signals, run, received_signals, exit_after_second_signal)
+        guard.start_soon(status.run)
         try:
             error = await process.execute(partners=[w.run for w in workers] + process.wiring.tasks,
                                           on_started=announce, drain_timeout=drain_timeout)
             summary, error = _finish(pipeline, run, process, workers, time.perf_counter() - started,
                                      received_signals, error)
+            status.write_final(summary)
         finally:
             guard.cancel_scope.cancel()
             torch.set_num_threads(threads)
