@@ -24,6 +24,7 @@ _EXPORTS: dict[str, str] = {
     "BrokenStreamError": "streamrl.errors",
     "CSVSink": "streamrl.hooks.loggers",
     "Checkpoint": "streamrl.hooks.checkpoint",
+    "Collector": "streamrl.collector",
     "CheckpointError": "streamrl.errors",
     "ClosedStreamError": "streamrl.errors",
     "ConfigError": "streamrl.errors",
@@ -86,6 +87,7 @@ del _package
 # on first use), so ruff, which cannot evaluate ``__all__ = sorted(_EXPORTS)``, would call them unused.
 # ruff: noqa: F401
 if TYPE_CHECKING:
+    from streamrl.collector import Collector
     from streamrl.envs import (
         Bounded,
         Categorical,

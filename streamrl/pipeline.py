@@ -61,7 +61,7 @@ class Edge:
 
 
 @dataclass(frozen=True)
-class Collector:
+class CollectorGroup:
     """What :meth:`Pipeline.add_collector` built: the group, its two stages, and where its chunks come out."""
 
     group: str
@@ -161,7 +161,7 @@ class Pipeline:
         weights_module: Any = None,
         max_policy_lag: int | None = None,
         record: tuple[str, ...] = ("action",),
-    ) -> Collector:
+    ) -> CollectorGroup:
         """Add a collector: group ``name`` holding an env stage (``{name}_env``) that steps ``env`` and a policy stage
         (``{name}_policy``) that runs ``policy``, joined by a rendezvous exchange (in one process a request reaches
         the policy without a trip through the scheduler), placed in a worker process by default::
@@ -193,7 +193,7 @@ class Pipeline:
         if weights_from is not None:
             self.connect(f"{weights_from}.weights", f"{policy_stage.name}.weights", capacity=1, overflow="drop_oldest")
         self.place(name, placement, replicas=replicas)
-        return Collector(name, env_stage.name, policy_stage.name, replicas)
+        return CollectorGroup(name, env_stage.name, policy_stage.name, replicas)
 
     def add_hook(self, *hooks: Hook, group: str = MAIN) -> Pipeline:
         """Subscribe hooks; ``group`` runs them in that group's process (next to the stages they act on)."""
