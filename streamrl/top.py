@@ -225,3 +225,7 @@ def main(args: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 0
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
