@@ -216,8 +216,10 @@ def test_probabilistic_actor_explains_wrong_arguments():
         ProbabilisticActor(gaussian_net(), in_keys={"loc": "mu", "scale": "scale"})
     with pytest.raises(TypeError, match="spec must be a Bounded spec"):
         ProbabilisticActor(gaussian_net(), spec=Unbounded(shape=(3,), dtype=torch.float32))
-    with pytest.raises(ValueError, match="bounds given twice"):
+    with pytest.raises(ValueError, match=r"distribution_kwargs low=-1.0 differs from the Bounded spec's low=\[-2.0"):
         ProbabilisticActor(gaussian_net(), spec=spec, distribution_kwargs={"low": -1.0})
+    agreeing = ProbabilisticActor(gaussian_net(), spec=spec, distribution_kwargs={"low": -2.0, "high": 2.0})
+    assert agreeing.spec is spec  # tutorial 002 gives both: accepted when they agree
     with pytest.raises(ValueError, match="out_keys must hold one key"):
         ProbabilisticActor(gaussian_net(), out_keys=("action", "other"))
 

@@ -222,3 +222,16 @@ def test_torchrl_names_keeps_other_errors_as_python_gives_them():
         Thing(gone=1)
     with pytest.raises(TypeError, match=r"unexpected keyword argument 'typo'"):
         Thing(typo=1)
+
+
+def test_an_mlp_joins_several_inputs_as_torchrls_does():
+    import torch
+    from tensordict import TensorDict
+    from tensordict.nn import TensorDictModule
+
+    from streamrl import MLP
+
+    critic = TensorDictModule(MLP(1, in_features=5, num_cells=(8,)), in_keys=["observation", "action"],
+                              out_keys=["state_action_value"])
+    td = critic(TensorDict({"observation": torch.randn(3, 3), "action": torch.randn(3, 2)}, batch_size=[3]))
+    assert td["state_action_value"].shape == (3, 1)

@@ -184,10 +184,14 @@ class ProbabilisticActor(ProbabilisticTensorDictSequential):
         dist_module: ProbabilisticTensorDictModule
         if isinstance(distribution_class, type) and issubclass(distribution_class, TanhNormal):
             if isinstance(spec, Bounded):
-                if "low" in kwargs or "high" in kwargs:
-                    raise ConfigError("ProbabilisticActor: bounds given twice, by the Bounded spec and by "
-                                      "distribution_kwargs low/high; pass one of them")
                 low, high = spec.low, spec.high
+                given = {key: kwargs.pop(key) for key in ("low", "high") if key in kwargs}  # tutorial 002 passes both
+                for key, value in given.items():
+                    bound = low if key == "low" else high
+                    if not torch.equal(torch.as_tensor(value, dtype=bound.dtype).expand(bound.shape), bound):
+                        raise ConfigError(f"ProbabilisticActor: distribution_kwargs {key}={value!r} differs from the "
+                                          f"Bounded spec's {key}={bound.tolist()}; pass the spec alone (its bounds are "
+                                          "used) or make them agree")
             elif spec is not None:
                 raise TypeError(f"ProbabilisticActor: TanhNormal squashes actions into bounds, so spec must be a "
                                 f"Bounded spec, got {spec!r}; for unbounded actions use IndependentNormal")

@@ -62,7 +62,8 @@ class MLP(nn.Sequential):
     a single linear layer). ``in_features=None`` makes the first layer lazy: its size is taken from the first
     input. Each hidden layer is ``Linear -> norm_class(width) -> activation(**activation_kwargs)``;
     ``activate_last`` adds an activation after the output layer. TorchRL's names ``activation_class`` and
-    ``activate_last_layer`` are accepted for ``activation`` and ``activate_last``.
+    ``activate_last_layer`` are accepted for ``activation`` and ``activate_last``. Several inputs are joined on the
+    last dim: ``MLP(1, in_features=obs + act)(observation, action)``.
     """
 
     @torchrl_names("MLP", accept={"activation_class": "activation", "activate_last_layer": "activate_last"})
@@ -93,6 +94,11 @@ class MLP(nn.Sequential):
         super().__init__(*layers)
         self.in_features = in_features
         self.out_features = out_features
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """One input, or several joined on the last dim (as TorchRL's MLP does: ``in_keys=["observation",
+        "action"]`` for a Q-value critic)."""
+        return super().forward(inputs[0] if len(inputs) == 1 else torch.cat(inputs, dim=-1))
 
 
 class ConvNet(nn.Sequential):
