@@ -197,8 +197,10 @@ class Subscription:
 class EventBus:
     """Routes published events to subscriptions by kind."""
 
-    def __init__(self, clock_start: float | None = None) -> None:
+    def __init__(self, clock_start: float | None = None, *, logical: bool = False) -> None:
         self.start = time.perf_counter() if clock_start is None else clock_start
+        self.logical = logical  # deterministic runs: time counts published events (1 ms each), not seconds
+        self.ticks = 0
         self.subscriptions: list[Subscription] = []
         self._by_kind: dict[str, list[Subscription]] = {}
         self._wildcard: list[Subscription] = []
@@ -243,13 +245,14 @@ class EventBus:
         return bool(self._subscribers(kind))
 
     def now(self) -> float:
-        return time.perf_counter() - self.start
+        return self.ticks / 1000 if self.logical else time.perf_counter() - self.start
 
     async def publish(self, kind: str, source: str, data: dict[str, Any]) -> None:
         subs = self._subscribers(kind)
         if not subs:
             return
-        event = Event(kind, source, time.perf_counter() - self.start, data)
+        self.ticks += 1
+        event = Event(kind, source, self.now(), data)
         for sub in subs:
             await sub.deliver(event)
 

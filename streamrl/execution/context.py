@@ -10,8 +10,9 @@ run, the workers' included). It also carries the run's stop state: :meth:`RunCon
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import torch
@@ -19,6 +20,8 @@ import torch
 from streamrl.events import EventBus
 from streamrl.pipeline import MAIN, Pipeline
 from streamrl.summary import RunRecorder
+
+T = TypeVar("T")
 
 HURRY_S = 1.0  # seconds the closes left get in all after a second Ctrl-C: the process exits well within 2 s
 
@@ -44,8 +47,10 @@ class RunContext:
         recorder: RunRecorder,
         process: str = MAIN,
         replica: int = 0,
+        deterministic: bool = False,
     ) -> None:
         self.run_dir = run_dir
+        self.deterministic = deterministic  # one process, a fixed schedule: blocking work runs inline
         self.bus = bus
         self.device = device
         self.seed = seed
@@ -82,3 +87,11 @@ class RunContext:
 
     def elapsed(self) -> float:
         return self.bus.now()
+
+
+async def off_loop(run: RunContext | None, func: Callable[..., T], *args: Any) -> T:
+    """``func(*args)`` in a worker thread, so that the event loop serves the other stages meanwhile; inline in a
+    deterministic run, where the moment a thread finishes would change the order in which stages run."""
+    if run is not None and run.deterministic:
+        return func(*args)
+    return await anyio.to_thread.run_sync(func, *args)

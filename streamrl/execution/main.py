@@ -47,6 +47,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,7 @@ import anyio
 import structlog
 import torch
 
-from streamrl.errors import DiskFull
+from streamrl.errors import DiskFull, PipelineError
 from streamrl.events import EventBus
 from streamrl.execution.context import RunContext, resolve_device
 from streamrl.execution.process import ProcessRun, calm_gc, loop_options
@@ -165,6 +166,7 @@ async def run_async(
     preload: list[tuple[str, str]] | None = None,
     resume: dict[str, Any] | None = None,
     exit_after_second_signal: float | None = None,
+    deterministic: bool = False,
 ) -> RunResult:
     """Run ``pipeline`` inside the current event loop; see the module docstring.
 
@@ -172,13 +174,46 @@ async def run_async(
     and hooks (:func:`streamrl.resume.restore`); the run continues its frame count and RNG streams.
     ``exit_after_second_signal``: seconds after a second SIGINT/SIGTERM by which the *process* exits, whatever
     blocks the event loop (``streamrl run`` passes :data:`EXIT_AFTER_SECOND_SIGNAL_S`; None: never end it).
+    ``deterministic``: the same graph in a fixed schedule (:func:`one_schedule`): two runs with one seed write the
+    same ``metrics.csv``, on the CPU.
     """
+    if deterministic:
+        one_schedule(pipeline)
     pipeline.validate()
     handle_signals = handle_signals and threading.current_thread() is threading.main_thread()
-    with torch.inference_mode(not any(s.needs_grad for s in pipeline.stages_in(MAIN))), calm_gc():
+    with torch.inference_mode(not any(s.needs_grad for s in pipeline.stages_in(MAIN))), calm_gc(), \
+            _deterministic_torch(deterministic):
         return await _run_validated(pipeline, run_dir, seed=seed, device=device, handle_signals=handle_signals,
                                     drain_timeout=drain_timeout, preload=preload, resume=resume,
-                                    exit_after_second_signal=exit_after_second_signal)
+                                    exit_after_second_signal=exit_after_second_signal, deterministic=deterministic)
+
+
+def one_schedule(pipeline: Pipeline) -> None:
+    """Make ``pipeline`` run deterministically: every group in the main process (one event loop, whose ready queue
+    is first in, first out), so the order in which stages run depends on nothing but the data. With it the run
+    steps envs in this process (no subprocess workers), does blocking work inline instead of in threads, commits
+    the store on flushes only (no timer), counts time in events (1 ms each), and uses torch's deterministic
+    algorithms on one thread. Replicated groups need processes of their own: refused."""
+    for group in pipeline.worker_groups():
+        if pipeline.replicas_of(group) > 1:
+            raise PipelineError(f"deterministic mode runs one process; group {group!r} has "
+                                f"{pipeline.replicas_of(group)} replicas, each a process: use replicas=1")
+        pipeline.place(group, "in_process")
+
+
+@contextlib.contextmanager
+def _deterministic_torch(on: bool) -> Iterator[None]:
+    if not on:
+        yield
+        return
+    algorithms, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(algorithms)
+        torch.set_num_threads(threads)
 
 
 async def _run_validated(
@@ -192,6 +227,7 @@ async def _run_validated(
     preload: list[tuple[str, str]] | None,
     resume: dict[str, Any] | None,
     exit_after_second_signal: float | None,
+    deterministic: bool = False,
 ) -> RunResult:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -202,11 +238,12 @@ async def _run_validated(
         recorder.frames_by_source.update(resume["progress"])  # hooks schedule from the resumed frame count
         recorder.resumed_from = resume["frames"]
     # a resumed run's clock goes on from the checkpoint's, so event times and metrics rows continue
-    bus = EventBus(clock_start=None if resume is None else time.perf_counter() - resume["wall_s"])
+    bus = EventBus(clock_start=None if resume is None else time.perf_counter() - resume["wall_s"],
+                   logical=deterministic)
     bus.subscribe(recorder.on_event, ("chunk", "optim_step", "weights", "eval", "learner", "replay_device"),
                   name="recorder")
     run = RunContext(run_dir, bus=bus, device=resolve_device(device), seed=seed, pipeline=pipeline,
-                     recorder=recorder)
+                     recorder=recorder, deterministic=deterministic)
     process = ProcessRun(pipeline, run)
     places = [(group, r) for group in pipeline.worker_groups() for r in range(pipeline.replicas_of(group))]
     workers = [WorkerGroup(pipeline, group, r, process.wiring, run, index=i, preload=preload or [])
@@ -313,6 +350,7 @@ def run(
     preload: list[tuple[str, str]] | None = None,
     resume: dict[str, Any] | None = None,
     exit_after_second_signal: float | None = None,
+    deterministic: bool = False,
 ) -> RunResult:
     """Run ``pipeline`` to completion in a fresh event loop (asyncio backend); see :func:`run_async`."""
 
@@ -320,7 +358,7 @@ def run(
         return await run_async(
             pipeline, run_dir, seed=seed, device=device, handle_signals=handle_signals,
             drain_timeout=drain_timeout, preload=preload, resume=resume,
-            exit_after_second_signal=exit_after_second_signal,
+            exit_after_second_signal=exit_after_second_signal, deterministic=deterministic,
         )
 
     result: RunResult = anyio.run(main, backend="asyncio", backend_options=loop_options())

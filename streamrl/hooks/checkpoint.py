@@ -46,13 +46,12 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-import anyio
 import structlog
 import torch
 
 from streamrl.errors import CheckpointError, DiskFull, NonFiniteError, StageFailed
 from streamrl.events import Event, Hook
-from streamrl.execution.context import RunContext
+from streamrl.execution.context import RunContext, off_loop
 from streamrl.pipeline import MAIN
 from streamrl.seeding import rng_state
 
@@ -188,7 +187,7 @@ class Checkpoint(Hook):
                 payload = self.payload(run)
                 audit_payload(payload)
                 _write_failures(path, lambda: _serialize(payload, tmp))  # in the hold: one instant of the run
-            await anyio.to_thread.run_sync(_install, tmp, path)
+            await off_loop(run, _install, tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

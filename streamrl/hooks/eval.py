@@ -20,13 +20,12 @@ import copy
 import statistics
 from typing import Any
 
-import anyio
 import torch
 from tensordict.nn import InteractionType, TensorDictModuleBase, set_interaction_type
 
 from streamrl.envs.base import EnvBase
 from streamrl.events import Event, Hook
-from streamrl.execution.context import RunContext
+from streamrl.execution.context import RunContext, off_loop
 from streamrl.transforms.video import video_recorders
 
 
@@ -105,9 +104,7 @@ class Evaluate(Hook):
         recorders = video_recorders(self.env)
         for recorder in recorders:
             recorder.clear()
-        returns = await anyio.to_thread.run_sync(
-            lambda: evaluate(self.env, snapshot, episodes=self.episodes, seed=seed)
-        )
+        returns = await off_loop(self.run, lambda: evaluate(self.env, snapshot, episodes=self.episodes, seed=seed))
         run_dir = self.run.run_dir
         videos = [r.dump(run_dir / f"eval_{frames}{f'_{i}' if i else ''}.gif") for i, r in enumerate(recorders)]
         self.evals += 1

@@ -12,7 +12,11 @@ exchange port; with ``capacity=0`` and the policy in this process, a direct hand
 (:class:`~streamrl.envs.chunks.ChunkBuilder`). Once ``frames_per_chunk`` frames are buffered, the stage publishes
 a ``chunk`` event (lockstep subscribers may edit the chunk, as TorchRL's ``batch_process`` hooks do) and sends
 the chunk downstream. It stops when ``total_frames`` frames were emitted
-or when a stop is requested, at a chunk boundary.
+or when a stop is requested, at a chunk boundary: at the first chunk that reaches ``total_frames``, so a run
+collects at least ``total_frames`` frames and less than one chunk more. A chunk holds ``frames_per_chunk`` frames
+when the envs reset on the step that ends an episode; gymnasium's native vector envs reset on the next step, which
+is no transition and is left out of the chunk (``valid``), so their chunks hold fewer frames and the budget may
+take one chunk more than ``total_frames / frames_per_chunk``.
 
 Liveness: every ``reset`` and ``step`` of the env must return within ``step_timeout`` seconds (default 60; None:
 no limit). One that does not ends the run with :class:`~streamrl.errors.EnvStepTimeout` naming the env, the call,
@@ -138,6 +142,8 @@ class EnvStage(Stage):
         gym_env = self._gym_env()
         if gym_env is not None:
             gym_env.step_timeout = self.step_timeout  # bounds the waits for its subprocess workers
+            if ctx.run.deterministic and not gym_env.is_open:  # workers' timing would change the schedule
+                gym_env.backend = "sync"
         if self._uses_arrays():
             await self._run_arrays(ctx, seed)
         else:
@@ -218,15 +224,20 @@ class EnvStage(Stage):
         env = self.env
         thread = self._thread = CallThread(f"env stage {self.name}")
         gym_env = self._gym_env()
+        inline = ctx.run.deterministic  # a thread's timing would change a deterministic schedule
+
+        async def call_env(timeout: float | None, fn: Any, *args: Any) -> Any:
+            return fn(*args) if inline else await thread.call(timeout, fn, *args)
+
         call, frame = "reset", self.frames
         try:
             if gym_env is not None:  # opened first: does the thread wait on subprocess workers?
-                await thread.call(self.step_timeout, partial(gym_env.open, same_step=True))
+                await call_env(self.step_timeout, partial(gym_env.open, same_step=True))
             timeout = self.step_timeout
             if timeout is not None and self._steps_in_subprocesses():
                 timeout += SUBPROCESS_MARGIN  # the workers' own timeout names them: let it report first
             env.set_seed(seed)
-            root = await thread.call(timeout, env.reset)
+            root = await call_env(timeout, env.reset)
             builder = TensorDictChunkBuilder(env.num_envs, self.steps_per_chunk, first_traj=self.first_traj)
             ask = ctx.asker("policy").ask
             chunks = ctx.output("chunks")
@@ -243,7 +254,7 @@ class EnvStage(Stage):
                         builder.version = answer.version
                         builder.drop = set(td.keys()) - before - {"action", *self.record}
                     frame = self._frame(t)
-                    td, root = await thread.call(timeout, env.step_and_maybe_reset, td)
+                    td, root = await call_env(timeout, env.step_and_maybe_reset, td)
                     builder.add(td)
                 await self._send_chunk(ctx, chunks, builder)
         except CallTimedOut:

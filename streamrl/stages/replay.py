@@ -50,6 +50,7 @@ from typing import Any
 import anyio
 import torch
 
+from streamrl.execution.context import RunContext, off_loop
 from streamrl.replay.buffer import ReplayBuffer
 from streamrl.replay.device_ring import DeviceRing
 from streamrl.replay.storage import Storage
@@ -65,17 +66,19 @@ class WriterStage(Stage):
         super().__init__(name)
         self.buffer = buffer
         self.rows = 0
+        self._run: RunContext | None = None  # how blocking work runs (inline in a deterministic run)
         self._lock = anyio.Lock()  # extend + flush + count, a timed commit, a checkpoint: one at a time
 
     async def run(self, ctx: StageContext) -> None:
         buffer = self.buffer
+        self._run = ctx.run
         buffer.attach(ctx.run.run_dir)
         limiter = buffer.limiter
         storage = buffer.storage
         try:
             limiter.check_capacity(storage.capacity)
             async with anyio.create_task_group() as tasks:
-                if storage.durable:
+                if storage.durable and not ctx.run.deterministic:  # a timer would change a deterministic schedule
                     tasks.start_soon(self._commit_on_time, storage)
                 async for chunk in ctx.input("chunks"):
                     ctx.extra_wait_s += await limiter.wait_insert(buffer.rows_for(chunk))
@@ -83,11 +86,11 @@ class WriterStage(Stage):
                         if storage.total_written == 0:
                             # the first extend allocates the storage (the RAM ring; a store's files, importing
                             # zarr): off the loop
-                            n = len(await anyio.to_thread.run_sync(buffer.extend, chunk))
+                            n = len(await off_loop(ctx.run, buffer.extend, chunk))
                         else:
                             n = len(buffer.extend(chunk))
                         if storage.flush_due():
-                            await _flush(storage, partial=storage.commit_due())
+                            await _flush(storage, partial=storage.commit_due(), run=ctx.run)
                         limiter.inserted(n)
                         self.rows += n
                     if ctx.wants("stored"):
@@ -106,7 +109,7 @@ class WriterStage(Stage):
             await anyio.sleep(storage.seconds_to_commit())
             async with self._lock:
                 if storage.commit_due():
-                    await _flush(storage, partial=True)
+                    await _flush(storage, partial=True, run=self._run)
 
     @contextlib.asynccontextmanager
     async def held_for_checkpoint(self) -> AsyncIterator[None]:
@@ -118,7 +121,7 @@ class WriterStage(Stage):
         async with self._lock:
             storage = self.buffer.storage
             if storage.pending_rows:
-                await _flush(storage, partial=True)
+                await _flush(storage, partial=True, run=self._run)
             yield
 
     def shares(self) -> tuple[object, ...]:
@@ -127,7 +130,7 @@ class WriterStage(Stage):
     async def close(self, ctx: StageContext) -> None:
         self.buffer.limiter.close_inserts()
         async with self._lock:
-            await anyio.to_thread.run_sync(self.buffer.storage.close)
+            await off_loop(ctx.run, self.buffer.storage.close)
 
     def state_dict(self) -> dict[str, Any]:
         return {"rows": self.rows, "buffer": self.buffer.state_dict()}
@@ -137,9 +140,9 @@ class WriterStage(Stage):
         self.buffer.load_state_dict(state["buffer"])
 
 
-async def _flush(storage: Storage, *, partial: bool) -> None:
-    """Flush in a worker thread (blocking file I/O never runs on the event loop)."""
-    await anyio.to_thread.run_sync(functools.partial(storage.flush, partial=partial))
+async def _flush(storage: Storage, *, partial: bool, run: RunContext | None) -> None:
+    """Flush in a worker thread (blocking file I/O never runs on the event loop; inline in a deterministic run)."""
+    await off_loop(run, functools.partial(storage.flush, partial=partial))
 
 
 VECTOR_STEP_BYTES = 64 * 1024  # the most bytes an entry of one step may take for auto device replay
