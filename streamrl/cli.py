@@ -36,11 +36,16 @@ import dataclasses
 import datetime as dt
 import inspect
 import json
+import os
 import platform
+import select
+import signal
 import sys
+import threading
 import traceback
 import typing
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from streamrl.config import apply_overrides, config_from_record, field_docs, make_config, validate_config
@@ -54,10 +59,11 @@ from streamrl.errors import (
     StreamRLError,
 )
 from streamrl.forkserver import warm_up
-from streamrl.loader import call_build, load_module
-from streamrl.resume import load_checkpoint, restore
+from streamrl.loader import call_build, check_file, load_module
 from streamrl.rundir import RunDirLock, has_checkpoint, remove_run_files, resume_advice, run_files
-from streamrl.summary import write_json
+
+# Only light modules above (no torch, numpy or tensordict): a usage error or ``--help`` answers at once, and a Ctrl-C
+# while torch loads (in cmd_run) reaches main()'s handler instead of printing a traceback from an import.
 
 
 def _load(target: str) -> tuple[Any, type, str, Path]:
@@ -102,13 +108,25 @@ def _run_dir(out: str | None, path: Path, seed: int) -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    warm_up()  # started before the run-directory lock is taken, so the workers it forks never hold the lock
+    check_file(args.target.partition(":")[0])  # a mistyped path is refused before anything heavy is imported
+    if args.help_config:  # no fork server, no runtime: only the pipeline file's own imports
+        print(_config_help(_load(args.target)[1]))
+        return 0
+    # The fork server starts before the run-directory lock is taken, so the workers it forks never hold the lock.
+    # It starts with SIGINT ignored, which it keeps across exec: a Ctrl-C at the terminal reaches the whole process
+    # group, and would print a traceback from the middle of its imports (it ignores SIGINT once they are done, and
+    # its workers do: the main process decides how to stop). A Ctrl-C in these few milliseconds is lost.
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN) if _on_main_thread() else None
+    try:
+        warm_up()
+    finally:
+        if handler is not None:
+            signal.signal(signal.SIGINT, handler)
     import streamrl.execution.main as runtime
+    from streamrl.resume import restore
+    from streamrl.summary import write_json
 
     build, config_cls, module_name, path = _load(args.target)
-    if args.help_config:
-        print(_config_help(config_cls))
-        return 0
     overrides = list(args.set or [])
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
@@ -186,6 +204,8 @@ def _resume_record(run_dir: Path, config_cls: type, overrides: list[str],
     if not has_checkpoint(run_dir):
         record.setdefault("restarts", []).append({**started, "overrides": overrides})
         return cfg, record, None
+    from streamrl.resume import load_checkpoint
+
     checkpoint = load_checkpoint(run_dir)
     record.setdefault("resumes", []).append({**started, "overrides": overrides, "frames": checkpoint["frames"]})
     return cfg, record, checkpoint
@@ -420,27 +440,99 @@ def shadowing_folder() -> str | None:
     return ", ".join(getattr(package, "__path__", [])) or "?"
 
 
+INTERRUPTED = "streamrl: interrupted (Ctrl-C)\n"
+
+
 def main(argv: list[str] | None = None) -> None:
+    """The ``streamrl`` command: exit 0 done, 1 failed, 2 usage or config error, 130 Ctrl-C, 141 closed pipe.
+
+    Output piped into a reader that stops early (``streamrl run FILE --help-config | head``) ends the command
+    quietly, as ``cat`` does when it gets SIGPIPE: no traceback, exit 141 (128 + SIGPIPE).
+    """
+    previous = _handle_start_up_interrupts()
+    try:
+        try:
+            code = _main(argv)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+            sys.stdout.flush()  # here rather than at exit, so that a closed pipe is caught below
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise  # another pipe (a worker's, say): not ours to silence
+        # Interpreter shutdown flushes stdout again: point it at devnull so that flush has nowhere to fail.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        code = 128 + signal.SIGPIPE
+    sys.exit(code)
+
+
+def _handle_start_up_interrupts() -> Any:
+    """Install :func:`_interrupted` for SIGINT (the run installs its own while it runs); return the handler it
+    replaces, or None where it leaves things alone: off the main thread, or a handler other than Python's default
+    (SIGINT ignored, as in a background job, or an embedding program's own)."""
+    if not _on_main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is not signal.default_int_handler:
+        return None
+    signal.signal(signal.SIGINT, _interrupted)
+    return previous
+
+
+def _on_main_thread() -> bool:
+    """Signal handlers can be set there only."""
+    return threading.current_thread() is threading.main_thread()
+
+
+def _interrupted(signum: int, frame: FrameType | None) -> None:
+    """Ctrl-C before the run's own signal handling: a KeyboardInterrupt (main() reports it), but inside an import,
+    the end of the process at once, with the same line and exit 130.
+
+    A KeyboardInterrupt raised while torch or numpy is being imported leaves half-initialised modules behind, and
+    what follows cannot be relied on: an ImportError or a RecursionError in its place, the interrupt swallowed
+    (the process goes on), or a crash at exit. Nothing of the run exists yet, so there is nothing to clean up.
+    """
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            os.write(2, INTERRUPTED.encode())
+            os._exit(130)
+        frame = frame.f_back
+    raise KeyboardInterrupt
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (poll reports an error on its write end)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _fd, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll() on this platform, or stdout has no descriptor
+        return True
+
+
+def _main(argv: list[str] | None) -> int:
     if folder := shadowing_folder():
         print(f"streamrl: error: the folder {folder} hides the streamrl package (python -m puts the current folder "
               "first on the import path); run the `streamrl` command instead, or run python -m from another folder",
               file=sys.stderr)
-        sys.exit(2)
+        return 2
     parser = make_parser()
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False)
     try:
-        code = args.func(args)
+        code: int = args.func(args)
     except (ConfigError, PipelineError, StoreError) as exc:
         _report(exc, debug)
         code = 2
     except DiskFull as exc:
         _report(exc, debug)
         code = 1
-    except KeyboardInterrupt:  # Ctrl-C before the run's own signal handling started (imports, build())
-        print("streamrl: interrupted (Ctrl-C)", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C before the run's own signal handling started (torch loading, imports, build())
+        print(INTERRUPTED, end="", file=sys.stderr)
         code = 130
-    sys.exit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -33,11 +33,18 @@ def module_name_for(path: str | Path) -> str:
     return f"streamrl_pipeline_{resolved.stem}_{digest}"
 
 
-def load_module(path: str | Path, name: str | None = None) -> ModuleType:
-    """Import the Python file at ``path`` (once per process) and return the module."""
+def check_file(path: str | Path) -> Path:
+    """``path`` as a Path if it names a file, else ConfigError; cheap (imports nothing), so the command line
+    refuses a mistyped path before it loads torch."""
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"pipeline file {str(path)!r} does not exist; give the path of a .py file")
+    return file
+
+
+def load_module(path: str | Path, name: str | None = None) -> ModuleType:
+    """Import the Python file at ``path`` (once per process) and return the module."""
+    file = check_file(path)
     name = name or module_name_for(file)
     if name in sys.modules:
         return sys.modules[name]

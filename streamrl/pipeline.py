@@ -174,7 +174,9 @@ class Pipeline:
         ``weights_from``: the stage whose ``weights`` output feeds the policy (a lossy latest-value edge, made here;
         None: the policy keeps its weights). ``weights_module``: the part of ``policy`` those weights load into
         (default: all of it). ``replicas``: copies of the group, each in its own worker process, with their own env
-        seeds and ``traj_id``s; ``total_frames`` is the budget of all of them together (split evenly). On-policy
+        seeds and ``traj_id``s; ``total_frames`` is the budget of all of them together (split evenly, each replica's
+        share rounded up; each replica stops at its first chunk that reaches its share, so the run collects at most
+        one chunk per replica more than ``total_frames``; see :mod:`streamrl.stages.env`). On-policy
         learning (``max_policy_lag``) with replicas takes one chunk of every replica per update: connect the chunks
         with ``join="rounds"``. ``record``: policy outputs stored in the chunks besides ``action``.
         """

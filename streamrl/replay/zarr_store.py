@@ -9,6 +9,13 @@
     batch = storage.get(index[:256])        # from the RAM ring (in_ram=True) or memory-mapped chunk files
     storage = ZarrStorage.open("replay.zarr")    # after a crash: the committed rows, writing resumes after them
 
+    with ZarrStorage(100_000, path="mine.zarr") as store:   # on its own, without a pipeline's writer stage:
+        store.extend(rows)                                   # close() (here: leaving the block) flushes and commits
+
+A store that is extended and never closed is flushed and committed when the interpreter exits (a normal exit or
+an uncaught exception; not ``kill -9`` or ``os._exit``): a script that fills a store and ends keeps its rows. A
+pipeline's writer stage commits as it goes and closes the store when the run ends.
+
 Layout. Each key (nested keys become paths: ``next/reward``) is an uncompressed array of ``disk_rows`` rows,
 chunked in blocks of ``block_rows``; row number ``r`` (counting every row ever written) lives at disk slot
 ``r % disk_rows``. ``disk_rows`` is the capacity rounded up to whole blocks plus one spare block, so the block
@@ -53,9 +60,13 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
+import threading
 import time
+import weakref
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -116,7 +127,13 @@ class ZarrStorage:
         self.write_error: StoreError | None = None  # the last flush failed (disk full): close does not retry
         self._maps: dict[int, dict[str, np.ndarray]] = {}  # chunk number -> key path -> memmap
         self._rewrites: dict[int, int] = {}  # chunk number -> times its files began or ended a rewrite
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: Executor | None = None
+
+    def __enter__(self) -> ZarrStorage:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     # -- ring bookkeeping (the sampler contract) -------------------------------------------------------------
     def __len__(self) -> int:
@@ -191,6 +208,7 @@ class ZarrStorage:
             raise ValueError(f"extend takes rows with one batch dim, got batch_size={tuple(rows.batch_size)}")
         if self.group is None:
             self._create(rows)
+        _flush_at_exit(self)
         first, n, done = self.total_written, rows.shape[0], 0
         while done < n:
             if self.pending_rows == self.capacity:
@@ -332,7 +350,10 @@ class ZarrStorage:
 
     def close(self) -> None:
         """Flush what is left (a partial block too) and commit; after a failed flush, only release the threads
-        (the failure was raised already, naming the rows not committed)."""
+        (the failure was raised already, naming the rows not committed). A store used on its own, without a
+        pipeline's writer stage, is closed with ``with ZarrStorage(...) as store:``, or by hand; one still open
+        when the interpreter exits is flushed and committed then (see :func:`_flush_open_stores`)."""
+        _OPEN_STORES.discard(self)
         if self.write_error is None:
             self.flush(partial=True)
         if self._pool is not None:
@@ -488,6 +509,48 @@ class ZarrStorage:
         self.ram.cursor = int(rows[0]) % self.capacity  # so that every row lands on its slot
         self.ram.extend(ordered)
         self.ram.total_written = self.total_written
+
+
+_OPEN_STORES: weakref.WeakSet[ZarrStorage] = weakref.WeakSet()  # extended and not closed: flushed at exit
+_exit_hook = threading.Lock()  # taken by the first store that registers the hook (a set flag after that)
+
+
+def _flush_at_exit(store: ZarrStorage) -> None:
+    """Have ``store`` flushed and committed when the interpreter exits, unless it is closed (or collected) first.
+
+    The hook is registered as a *threading* exit hook, the way ``concurrent.futures`` registers its own: those run
+    when the interpreter starts to shut down, before thread pools refuse new work and before zarr stops its I/O
+    loop (plain ``atexit`` hooks run after both, when a flush can no longer write). It is registered on the first
+    extend, after ``concurrent.futures`` and zarr registered theirs, so it runs first (the hooks run newest first).
+    """
+    _OPEN_STORES.add(store)
+    if _exit_hook.acquire(blocking=False):
+        threading._register_atexit(_flush_open_stores)  # type: ignore[attr-defined]
+
+
+def _flush_open_stores() -> None:
+    """Flush and commit the stores still open at exit; a failure is one line on stderr (the exit goes on)."""
+    for store in list(_OPEN_STORES):
+        if not store.pending_rows or store.write_error is not None:
+            continue
+        try:
+            store._pool = _Inline()  # the pool's threads may not start now: write in this thread
+            store.close()
+        except Exception as exc:
+            print(f"streamrl: the replay store {store.path} was not closed and its flush at exit failed: {exc}",
+                  file=sys.stderr)
+
+
+class _Inline(Executor):
+    """An executor that runs each call at once in the calling thread (for the flush at exit)."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:
+            future.set_exception(exc)
+        return future
 
 
 def _columns(td: TensorDictBase) -> dict[str, torch.Tensor]:
