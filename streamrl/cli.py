@@ -173,7 +173,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         try:
             result = runtime.run(pipeline, run_dir, seed=cfg.seed, device=cfg.device,
                                  preload=[(module_name, str(path.resolve()))], resume=checkpoint,
-                                 exit_after_second_signal=runtime.EXIT_AFTER_SECOND_SIGNAL_S)
+                                 exit_after_second_signal=runtime.EXIT_AFTER_SECOND_SIGNAL_S,
+                                 deterministic=args.deterministic)
         except StreamRLError as exc:
             _report(exc, args.debug)
             if (run_dir / "summary.json").exists():
@@ -240,10 +241,19 @@ def cmd_graph(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from streamrl.plots import plot_run
+    from streamrl.plots import plot_run, plot_runs
 
-    print(plot_run(args.run_dir, args.out))
+    if len(args.run_dirs) == 1 and not args.scalar:
+        print(plot_run(args.run_dirs[0], args.out))
+    else:  # several runs (seeds of one pipeline: mean and spread), or scalars by name
+        print(plot_runs(args.run_dirs, scalars=tuple(args.scalar or ("eval/return",)), out=args.out))
     return 0
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    from streamrl.top import main as top
+
+    return top([args.run_dir, *(["--once"] if args.once else [])])
 
 
 STORE_HELP = """Look into a replay store (a zarr group written by ZarrStorage); only repair modifies a store.
@@ -413,16 +423,25 @@ def make_parser() -> argparse.ArgumentParser:
                      help="the --out directory may hold an old run: remove its files (replay store included) first")
     run.add_argument("--debug", action="store_true", help="print the traceback of an error")
     run.add_argument("--help-config", action="store_true", help="list the config fields and exit")
+    run.add_argument("--deterministic", action="store_true",
+                     help="one process, a fixed schedule, fixed seeds: two runs write the same metrics.csv (CPU)")
     run.set_defaults(func=cmd_run)
     graph = sub.add_parser("graph", help="print a pipeline's stages, streams and hooks")
     graph.add_argument("target")
     graph.add_argument("--set", action="append", metavar="KEY=VALUE")
     graph.add_argument("--debug", action="store_true", help="print the traceback of an error")
     graph.set_defaults(func=cmd_graph)
-    plot = sub.add_parser("plot", help="draw a run's learning curves (metrics.csv) into a PNG")
-    plot.add_argument("run_dir")
+    plot = sub.add_parser("plot", help="draw learning curves into a PNG: one run's, or several runs' (seeds of one "
+                          "pipeline as mean and spread) for any scalar by name")
+    plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    plot.add_argument("--scalar", action="append", metavar="NAME",
+                      help="a scalar of scalars.csv (e.g. eval/return, train/loss; repeatable)")
     plot.add_argument("--out", help="PNG path (default <run_dir>/curves.png)")
     plot.set_defaults(func=cmd_plot)
+    top = sub.add_parser("top", help="a live view of a run: stages, streams, backpressure, lag, updates/s")
+    top.add_argument("run_dir")
+    top.add_argument("--once", action="store_true", help="print one screen and exit")
+    top.set_defaults(func=cmd_top)
     _add_store_parser(sub)
     return parser
 

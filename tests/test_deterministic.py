@@ -51,3 +51,16 @@ def test_replicas_are_refused_in_deterministic_mode(tmp_path):
     pipeline = module.build(apply_overrides(module.Config(), BUDGETS["dqn_cartpole"] + ["replicas=2"]))
     with pytest.raises(PipelineError, match="deterministic mode runs one process; group 'collect' has 2 replicas"):
         streamrl.run(pipeline, tmp_path, deterministic=True, handle_signals=False)
+
+
+def test_streamrl_run_deterministic_twice_from_the_command_line(tmp_path):
+    import subprocess
+    import sys
+
+    outs = [tmp_path / "a", tmp_path / "b"]
+    for out in outs:
+        done = subprocess.run([sys.executable, "-m", "streamrl.cli", "run", str(ROOT / "pipelines" / "ppo_cartpole.py"),
+                               "--deterministic", "--out", str(out), *(f"--set={s}" for s in BUDGETS["ppo_cartpole"])],
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+    assert (outs[0] / "metrics.csv").read_text() == (outs[1] / "metrics.csv").read_text()

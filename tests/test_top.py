@@ -179,3 +179,14 @@ def test_the_status_writer_costs_nothing_per_step(tmp_path, monkeypatch):
     wall = time.monotonic() - started
     assert writes[-1] == "completed" and writes[:-1] == ["running"] * (len(writes) - 1)
     assert 2 <= len(writes) <= wall + 3
+
+
+def test_streamrl_top_on_the_command_line(tmp_path):
+    import subprocess
+    import sys
+
+    _write(tmp_path, state="completed")
+    done = subprocess.run([sys.executable, "-m", "streamrl.cli", "top", str(tmp_path), "--once"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "[backpressure]" in done.stdout and "completed" in done.stdout
