@@ -207,7 +207,7 @@ class StoreDiskFull(StoreError, DiskFull):
     rows were not committed. The committed rows stay intact; free space and resume."""
 
 
-_Init = TypeVar("_Init", bound=Callable[..., None])
+_Init = TypeVar("_Init", bound=Callable[..., Any])
 
 
 def torchrl_names(owner: str, *, accept: Mapping[str, str] | None = None,
@@ -232,7 +232,7 @@ def torchrl_names(owner: str, *, accept: Mapping[str, str] | None = None,
         signature = inspect.signature(init)
 
         @functools.wraps(init)
-        def wrapper(self: Any, *args: Any, **kwargs: Any) -> None:
+        def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
             for name in [key for key in kwargs if key in converted]:
                 message = converted[name](kwargs[name])
                 if message is not None:
@@ -250,7 +250,7 @@ def torchrl_names(owner: str, *, accept: Mapping[str, str] | None = None,
                         raise TypeError(f"{owner}: {theirs}= is TorchRL's name for {ours}=; pass one of them, got "
                                         f"both")
                     kwargs[ours] = value
-            init(self, *args, **kwargs)
+            return init(self, *args, **kwargs)
 
         return cast(_Init, wrapper)
 

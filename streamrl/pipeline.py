@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from streamrl.errors import PipelineError
+from streamrl.errors import PipelineError, torchrl_names
 from streamrl.events import FunctionHook, Hook
 from streamrl.graph_checks import check_links, shared_links
 from streamrl.stages.base import Stage
@@ -147,6 +147,7 @@ class Pipeline:
         self.edges.append(Edge(s_stage, s_port, d_stage, d_port, capacity, overflow, join))
         return self
 
+    @torchrl_names("add_collector", accept={"frames_per_batch": "frames_per_chunk"})
     def add_collector(
         self,
         name: str,

@@ -235,3 +235,12 @@ def test_an_mlp_joins_several_inputs_as_torchrls_does():
                               out_keys=["state_action_value"])
     td = critic(TensorDict({"observation": torch.randn(3, 3), "action": torch.randn(3, 2)}, batch_size=[3]))
     assert td["state_action_value"].shape == (3, 1)
+
+
+def test_add_collector_takes_torchrls_frames_per_batch():
+    from streamrl import MLP, GymEnv, Pipeline, QValueActor
+
+    p = Pipeline("p")
+    group = p.add_collector("collect", GymEnv("CartPole-v1", num_envs=2), QValueActor(MLP(2, in_features=4)),
+                            frames_per_batch=64, total_frames=128, weights_from=None)
+    assert p.stages[group.env].steps_per_chunk == 32
