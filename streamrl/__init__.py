@@ -11,8 +11,9 @@ processes can be prepared before torch is imported.
 from __future__ import annotations
 
 import importlib
-import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from streamrl._lazy import lazy_namespace
 
 #: The subpackages TorchRL users import from; every name in their ``__all__`` is exported here too.
 _SUBPACKAGES = ("envs", "modules", "objectives", "replay", "transforms")
@@ -214,18 +215,4 @@ if TYPE_CHECKING:
     from streamrl.streams import ReceiveStream, SendStream, StreamStatistics, open_stream
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'streamrl' has no attribute {name!r}; its public names are listed in "
-                             "streamrl.__all__", name=name, obj=sys.modules[__name__])
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__.copy()
-
-
-__all__ = sorted(_EXPORTS)
+__getattr__, __dir__, __all__ = lazy_namespace(__name__, _EXPORTS)

@@ -9,9 +9,9 @@ Names are imported lazily (PEP 562): ``import streamrl.hooks`` loads nothing els
 
 from __future__ import annotations
 
-import importlib
-import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from streamrl._lazy import lazy_namespace
 
 _EXPORTS: dict[str, str] = {
     "CSVSink": "streamrl.hooks.loggers",
@@ -28,15 +28,4 @@ if TYPE_CHECKING:
     from streamrl.hooks.loggers import CSVSink, Logger, Sink, TensorBoardSink, WandbSink
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'streamrl.hooks' has no attribute {name!r}; its exported names are listed in "
-                             "streamrl.hooks.__all__ (the other hooks live in its modules)", name=name,
-                             obj=sys.modules[__name__])
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-__all__ = sorted(_EXPORTS)
+__getattr__, __dir__, __all__ = lazy_namespace(__name__, _EXPORTS)

@@ -16,9 +16,9 @@ Names are imported lazily (PEP 562): ``import streamrl.replay`` does not load to
 
 from __future__ import annotations
 
-import importlib
-import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from streamrl._lazy import lazy_namespace
 
 _EXPORTS: dict[str, str] = {
     "FifoSampler": "streamrl.replay.samplers",
@@ -56,18 +56,4 @@ if TYPE_CHECKING:
     from streamrl.replay.zarr_store import ZarrStorage
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}; its public names are listed in "
-                             f"{__name__}.__all__", name=name, obj=sys.modules[__name__])
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__.copy()
-
-
-__all__ = sorted(_EXPORTS)
+__getattr__, __dir__, __all__ = lazy_namespace(__name__, _EXPORTS)
