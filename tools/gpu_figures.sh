@@ -13,11 +13,11 @@ OUT=${OUT:-/tmp/gpu_figures}
 mkdir -p "$OUT"
 . .whl/gpu-env.sh || exit 1
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/machine.txt" 2>&1; nproc >> "$OUT/machine.txt"
-timeout 90 python3 -m pytest -q -x tests/test_learner_update.py tests/test_device_replay.py tests/test_capture_safe.py \
+timeout 90 python3 -m pytest -q tests/test_learner_update.py tests/test_device_replay.py tests/test_capture_safe.py \
   > "$OUT/tests.txt" 2>&1
-timeout 150 python3 tools/bench_learner.py --seconds 2 --rounds 2 > "$OUT/learner.txt" 2>&1
-timeout 150 python3 tools/bench_dqn.py --set device=cuda --set capture=graph > "$OUT/dqn.txt" 2>&1
-timeout 150 streamrl run pipelines/ppo_inverted_double_pendulum.py --out /tmp/ppo_idp --set device=cuda \
+timeout 120 python3 tools/bench_learner.py --seconds 2 --rounds 2 > "$OUT/learner.txt" 2>&1
+timeout 200 python3 tools/bench_dqn.py --set device=cuda --set capture=graph > "$OUT/dqn.txt" 2>&1
+timeout 130 streamrl run pipelines/ppo_inverted_double_pendulum.py --out /tmp/ppo_idp --set device=cuda \
   --set replicas=8 --set num_envs=5 --set total_frames=400000 > "$OUT/ppo_idp.txt" 2>&1
 cp /tmp/ppo_idp/summary.json "$OUT/ppo_idp_summary.json" 2>/dev/null
 tail -n 3 "$OUT"/*.txt
