@@ -27,7 +27,6 @@ from streamrl import (
     AdvantageStage,
     Checkpoint,
     ClipPPOLoss,
-    ConfigError,
     Epochs,
     Evaluate,
     EventLog,
@@ -128,10 +127,7 @@ def build(cfg: Config) -> Pipeline:
                            capture=cfg.capture)  # type: ignore[arg-type]
 
     p = Pipeline("ppo_inverted_double_pendulum", config=cfg)
-    if cfg.frames_per_chunk % (cfg.replicas * cfg.num_envs):
-        raise ConfigError(f"frames_per_chunk={cfg.frames_per_chunk} must split evenly over replicas={cfg.replicas} "
-                          f"x num_envs={cfg.num_envs}: each replica collects an equal share of every batch")
-    collector = p.add_collector("collect", env, actor, frames_per_chunk=cfg.frames_per_chunk // cfg.replicas,
+    collector = p.add_collector("collect", env, actor, frames_per_chunk=cfg.frames_per_chunk, rounds=True,
                                 total_frames=cfg.total_frames, replicas=cfg.replicas,
                                 max_policy_lag=cfg.max_policy_lag, record=("action", "sample_log_prob"))
     p.add(AdvantageStage("gae", GAE(gamma=cfg.gamma, lmbda=cfg.lmbda, value_network=critic, average_gae=True)),

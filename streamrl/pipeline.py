@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from streamrl.errors import PipelineError, torchrl_names
+from streamrl.errors import ConfigError, PipelineError, torchrl_names
 from streamrl.events import FunctionHook, Hook
 from streamrl.graph_checks import check_links, shared_links
 from streamrl.stages.base import Stage
@@ -162,6 +162,7 @@ class Pipeline:
         weights_module: Any = None,
         max_policy_lag: int | None = None,
         record: tuple[str, ...] = ("action",),
+        rounds: bool = False,
     ) -> CollectorGroup:
         """Add a collector: group ``name`` holding an env stage (``{name}_env``) that steps ``env`` and a policy stage
         (``{name}_policy``) that runs ``policy``, joined by a rendezvous exchange (in one process a request reaches
@@ -179,13 +180,20 @@ class Pipeline:
         share rounded up; each replica stops at its first chunk that reaches its share, so the run collects at most
         one chunk per replica more than ``total_frames``; see :mod:`streamrl.stages.env`). On-policy
         learning (``max_policy_lag``) with replicas takes one chunk of every replica per update: connect the chunks
-        with ``join="rounds"``. ``record``: policy outputs stored in the chunks besides ``action``.
+        with ``join="rounds"``, and pass ``rounds=True``: ``frames_per_chunk`` is then one learner batch of all
+        replicas together, each replica collecting ``frames_per_chunk / replicas`` frames a chunk (which must split
+        evenly over the replicas' envs). ``record``: policy outputs stored in the chunks besides ``action``.
         """
         from streamrl.stages.env import EnvStage
         from streamrl.stages.policy import PolicyStage
 
         if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
             raise PipelineError(f"add_collector({name!r}): replicas must be an int >= 1, got {replicas!r}")
+        if rounds:
+            if frames_per_chunk % (replicas * env.num_envs):
+                raise ConfigError(f"frames_per_chunk={frames_per_chunk} must split evenly over replicas={replicas} x "
+                                  f"num_envs={env.num_envs}: each replica collects an equal share of every batch")
+            frames_per_chunk //= replicas
         budget = None if total_frames is None else -(-total_frames // replicas)  # each replica's share, rounded up
         env_stage = EnvStage(f"{name}_env", env, frames_per_chunk=frames_per_chunk, total_frames=budget,
                              record=record)
@@ -210,7 +218,7 @@ class Pipeline:
            group: str = MAIN, name: str | None = None) -> Pipeline:
         """Subscribe a plain callable (sync or async) to event kinds, like TorchRL's ``register_op``::
 
-            pipeline.on("optim_step", lambda event: scheduler.step())
+            pipeline.on("optim_step", lambda event: print(event.data["loss"]))
         """
         self.add_hook(FunctionHook(handler, kinds, mode=mode, name=name), group=group)
         return self

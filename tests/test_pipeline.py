@@ -93,3 +93,15 @@ def test_edges_between_two_worker_groups_are_rejected():
     p.place("a", "worker_process").place("b", "worker_process")
     with pytest.raises(PipelineError, match="joins two worker groups .* put one side in the main process"):
         p.validate()
+
+
+def test_an_on_policy_collector_splits_each_batch_over_its_replicas_or_says_why_it_cannot():
+    from streamrl import MLP, ConfigError, GymEnv, QValueActor
+
+    p = Pipeline("p")
+    group = p.add_collector("collect", GymEnv("CartPole-v1", num_envs=2), QValueActor(MLP(2, in_features=4)),
+                            frames_per_chunk=64, rounds=True, replicas=2, weights_from=None)
+    assert p.stages[group.env].steps_per_chunk == 16  # 64 frames a round: 32 per replica, 16 steps of 2 envs
+    with pytest.raises(ConfigError, match="frames_per_chunk=60 must split evenly over replicas=4 x num_envs=2"):
+        Pipeline("q").add_collector("collect", GymEnv("CartPole-v1", num_envs=2), QValueActor(MLP(2, in_features=4)),
+                                    frames_per_chunk=60, rounds=True, replicas=4, weights_from=None)
