@@ -44,7 +44,7 @@ from tensordict import TensorDict, TensorDictBase
 from streamrl.errors import StoreError
 from streamrl.replay.device_ring import DeviceRing, DeviceSampler, RingBatch, as_batch
 from streamrl.replay.ratelimit import RateLimiter
-from streamrl.replay.samplers import FifoSampler, Sampler, SamplerWithoutReplacement, UniformSampler
+from streamrl.replay.samplers import FifoSampler, Sampler, SamplerWithoutReplacement, UniformSampler, slots_oldest_first
 from streamrl.replay.storage import Storage
 
 
@@ -124,10 +124,9 @@ class ReplayBuffer:
     def _fill_mirror(self) -> None:
         """Copy the rows the storage holds into the mirror (after ``mirror``, or a resume that replaced them)."""
         assert self.ring is not None
-        storage = self.storage
-        if len(storage):
-            slots = (storage.cursor - len(storage) + torch.arange(len(storage))) % storage.capacity
-            self.ring.write(slots, storage.get(slots))
+        if len(self.storage):
+            slots = slots_oldest_first(self.storage)
+            self.ring.write(slots, self.storage.get(slots))
 
     def sample_ring(self, batch_size: int | None = None) -> RingBatch:
         """A :class:`RingBatch` of ``batch_size`` rows of the mirror: a ``UniformSampler`` draws the indices on the

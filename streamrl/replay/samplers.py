@@ -47,27 +47,25 @@ class UniformSampler:
         self._device_generators: dict[torch.device, torch.Generator] = {}
 
     def sample(self, storage: Any, batch_size: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        size = len(storage)
-        if size == 0:
-            raise StoreError("cannot sample from an empty storage; wait for the first rows (min_fill)")
-        index = torch.randint(size, (batch_size,), generator=self.generator)
-        if size < storage.capacity and (oldest := _oldest_slot(storage)):  # rows need not start at slot 0 (a
-            index = (index + oldest) % storage.capacity  # repaired store); a full ring is uniform either way
-        return index, {}
+        return self._draw(storage, batch_size, self.generator, torch.device("cpu")), {}
 
     def sample_on(self, storage: Any, batch_size: int, device: torch.device) -> tuple[torch.Tensor, dict[str, Any]]:
         """:meth:`sample`, drawn on ``device``: no host sync (``len``, ``capacity`` and ``cursor`` are host ints)."""
-        size = len(storage)
-        if size == 0:
-            raise StoreError("cannot sample from an empty storage; wait for the first rows (min_fill)")
         generator = self._device_generators.get(device)
         if generator is None:  # seeded once by a CPU draw (.numpy(): no device involved)
             seed = int(torch.randint(2**62, (), generator=self.generator).numpy())
             generator = self._device_generators[device] = torch.Generator(device=device).manual_seed(seed)
+        return self._draw(storage, batch_size, generator, device), {}
+
+    @staticmethod
+    def _draw(storage: Any, batch_size: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+        size = len(storage)
+        if size == 0:
+            raise StoreError("cannot sample from an empty storage; wait for the first rows (min_fill)")
         index = torch.randint(size, (batch_size,), generator=generator, device=device)
-        if size < storage.capacity and (oldest := _oldest_slot(storage)):  # as in sample
-            index = (index + oldest) % storage.capacity
-        return index, {}
+        if size < storage.capacity and (oldest := _oldest_slot(storage)):  # rows need not start at slot 0 (a
+            index = (index + oldest) % storage.capacity  # repaired store); a full ring is uniform either way
+        return index
 
     def state_dict(self) -> dict[str, Any]:
         return {} if self.generator is None else {"generator": self.generator.get_state()}
@@ -82,7 +80,7 @@ def _oldest_slot(storage: Any) -> int:
     return (storage.cursor - len(storage)) % storage.capacity
 
 
-def _oldest_first(storage: Any) -> torch.Tensor:
+def slots_oldest_first(storage: Any) -> torch.Tensor:
     """The ring slots of the rows held, oldest first."""
     return torch.arange(storage.capacity).roll(-_oldest_slot(storage))[: len(storage)]
 
@@ -92,7 +90,7 @@ def _columns_oldest_first(storage: Any, keys: list[Any]) -> list[np.ndarray]:
     data = storage.ram_rows  # None: not every row is in RAM (ZarrStorage(in_ram=False)), or none was written
     if data is not None:
         return [np.roll(data.get(key).numpy(), -_oldest_slot(storage), axis=0)[: len(storage)] for key in keys]
-    rows = storage.get(_oldest_first(storage))
+    rows = storage.get(slots_oldest_first(storage))
     return [rows.get(key).numpy() for key in keys]
 
 
@@ -216,7 +214,7 @@ class SamplerWithoutReplacement:
             if size == 0 or (self.drop_last and size < batch_size):
                 raise StoreError(f"SamplerWithoutReplacement: the storage holds {size} rows, fewer than a batch "
                                  f"of {batch_size} (drop_last={self.drop_last}); wait for more rows (min_fill)")
-            order = _oldest_first(storage)
+            order = slots_oldest_first(storage)
             self.order = order[torch.randperm(size, generator=self.generator)] if self.shuffle else order
             self.pos = 0
         index = self.order[self.pos:self.pos + batch_size]
