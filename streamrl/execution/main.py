@@ -60,7 +60,7 @@ from streamrl.errors import DiskFull, PipelineError
 from streamrl.events import EventBus
 from streamrl.execution.context import RunContext, resolve_device
 from streamrl.execution.process import ProcessRun, calm_gc, loop_options
-from streamrl.execution.status import StatusWriter
+from streamrl.execution.status import StatusWriter, bottleneck, run_statistics
 from streamrl.execution.worker import WorkerGroup
 from streamrl.pipeline import MAIN, Pipeline
 from streamrl.rundir import resume_advice
@@ -149,10 +149,6 @@ async def _watch_signals(run: RunContext, received: list[int], exit_after_second
                 name = "interrupted" if signum == signal.SIGINT else "terminated"
                 log.warning("stop requested by signal; draining (send it again to end at once)", signal=signum)
                 run.request_stop(name)
-
-
-def _bottleneck(busy: dict[str, float]) -> str | None:
-    return max(busy, key=lambda k: busy[k]) if busy else None
 
 
 async def run_async(
@@ -300,11 +296,8 @@ def _finish(pipeline: Pipeline, run: RunContext, process: ProcessRun, workers: l
 
 def _summary(pipeline: Pipeline, run: RunContext, process: ProcessRun, workers: list[WorkerGroup], wall: float,
              exit_reason: str, error: BaseException | None) -> dict[str, Any]:
-    figures = process.statistics()
+    figures = run_statistics(process, workers)
     streams, busy = figures["streams"], figures["busy"]
-    for worker in workers:
-        streams.update(worker.statistics.get("streams", {}))
-        busy.update(worker.statistics.get("busy", {}))
     summary = run.recorder.figures(wall)
     summary.update(
         {
@@ -315,7 +308,7 @@ def _summary(pipeline: Pipeline, run: RunContext, process: ProcessRun, workers: 
             "seed": run.seed,
             "device": str(run.device),
             "streams": streams,
-            "stages": {"busy_fraction": busy, "bottleneck": _bottleneck(busy)},
+            "stages": {"busy_fraction": busy, "bottleneck": bottleneck(busy)},
             "hooks": run.bus.statistics(),
         }
     )

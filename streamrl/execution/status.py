@@ -78,6 +78,21 @@ class _Sample:
     streams: dict[str, tuple[int, float]] = field(default_factory=dict)  # items sent, producer wait (s)
 
 
+def run_statistics(process: ProcessRun, workers: list[WorkerGroup]) -> dict[str, dict[str, Any]]:
+    """The streams and busy fractions of the main process and of its workers (a worker reports its own when it
+    ends): what ``summary.json`` and ``status.json`` show."""
+    figures = process.statistics()
+    for worker in workers:
+        for part in ("streams", "busy"):
+            figures[part].update(worker.statistics.get(part, {}))
+    return figures
+
+
+def bottleneck(busy: dict[str, float]) -> str | None:
+    """The busiest stage."""
+    return max(busy, key=lambda k: busy[k]) if busy else None
+
+
 def _rate(new: float, old: float, dt: float) -> float | None:
     return round((new - old) / dt, 2) if dt > 0 else None
 
@@ -106,7 +121,7 @@ class StatusWriter:
             n = pipeline.replicas_of(group)
             for r in range(n):
                 self._labels[f"{name}[{r}]" if n > 1 else name] = group
-        self._samples: deque[_Sample] = deque([self._sample(self.started, self._live_streams())])
+        self._samples: deque[_Sample] = deque([self._sample(self.started, run_statistics(process, workers)["streams"])])
 
     async def run(self) -> None:
         """Write the status now, then every ``interval`` seconds, until cancelled (the runtime does at the end)."""
@@ -156,12 +171,6 @@ class StatusWriter:
                 out[ctx.name] = ctx.busy_fraction() * (end - ctx.started_at)
         return out
 
-    def _live_streams(self) -> dict[str, dict[str, Any]]:
-        streams = {name: s.as_dict() for name, s in self.process.wiring.statistics().items()}
-        for worker in self.workers:  # a worker reports its own streams when it ends
-            streams.update(worker.statistics.get("streams", {}))
-        return streams
-
     def _sample(self, now: float, streams: dict[str, dict[str, Any]] | None = None) -> _Sample:
         recorder = self.run_ctx.recorder
         return _Sample(
@@ -176,11 +185,10 @@ class StatusWriter:
         figures (the final status passes the summary's)."""
         now = time.perf_counter()
         run, recorder = self.run_ctx, self.run_ctx.recorder
-        streams = self._live_streams() if streams is None else streams
-        if busy_overall is None:
-            busy_overall = {ctx.name: round(ctx.busy_fraction(), 4) for ctx in self.process.contexts}
-            for worker in self.workers:
-                busy_overall.update(worker.statistics.get("busy", {}))
+        if streams is None or busy_overall is None:
+            live = run_statistics(self.process, self.workers)
+            streams = live["streams"] if streams is None else streams
+            busy_overall = live["busy"] if busy_overall is None else busy_overall
         new = self._sample(now, streams)
         while len(self._samples) > 1 and self._samples[1].t <= now - self.window:
             self._samples.popleft()
@@ -248,7 +256,7 @@ class StatusWriter:
             "eval_return_last": recorder.eval_return_last,
             "eval_return_best": recorder.eval_return_best,
             "evals": recorder.evals,
-            "bottleneck": max(busy_now, key=lambda k: busy_now[k]) if busy_now else None,
+            "bottleneck": bottleneck(busy_now),
             "stages": stages,
             "streams": stream_view,
             "replicas": self._replicas(new, old, dt),
