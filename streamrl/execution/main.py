@@ -42,6 +42,7 @@ During a run the cyclic garbage collector is calmed (:func:`calm_gc`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import sys
@@ -332,29 +333,11 @@ def _replicas(pipeline: Pipeline, run: RunContext, busy: dict[str, float]) -> di
     return out
 
 
-def run(
-    pipeline: Pipeline,
-    run_dir: str | Path,
-    *,
-    seed: int = 0,
-    device: str | torch.device = "cpu",
-    handle_signals: bool = True,
-    drain_timeout: float = 5.0,
-    preload: list[tuple[str, str]] | None = None,
-    resume: dict[str, Any] | None = None,
-    exit_after_second_signal: float | None = None,
-    deterministic: bool = False,
-) -> RunResult:
-    """Run ``pipeline`` to completion in a fresh event loop (asyncio backend); see :func:`run_async`."""
-
-    async def main() -> RunResult:
-        return await run_async(
-            pipeline, run_dir, seed=seed, device=device, handle_signals=handle_signals,
-            drain_timeout=drain_timeout, preload=preload, resume=resume,
-            exit_after_second_signal=exit_after_second_signal, deterministic=deterministic,
-        )
-
-    result: RunResult = anyio.run(main, backend="asyncio", backend_options=loop_options())
+def run(pipeline: Pipeline, run_dir: str | Path, **options: Any) -> RunResult:
+    """Run ``pipeline`` to completion in a fresh event loop (asyncio backend); ``options`` are the keywords of
+    :func:`run_async` (``seed``, ``device``, ``handle_signals``, ``resume``, ``deterministic``...)."""
+    result: RunResult = anyio.run(functools.partial(run_async, pipeline, run_dir, **options), backend="asyncio",
+                                  backend_options=loop_options())
     return result
 
 
