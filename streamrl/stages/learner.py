@@ -257,8 +257,9 @@ class LearnerStage(Stage):
             if ctx.wants("batch"):
                 await ctx.publish("batch", batch=rows, step=self.steps)
             out, norms, total = update.forward_backward(rows)
-            host_check = not update.device_guard or ctx.wants("loss")
-            if self.check_finite and host_check and bool(update.bad):  # before the step, and before loss hooks
+            # before the step, and before loss hooks; with the guard on the device, a read only for those hooks
+            bad = update.bad_on_host if not update.device_guard else ctx.wants("loss") and bool(update.bad)
+            if self.check_finite and bad:
                 await self._report(ctx)
             if ctx.wants("loss"):
                 await ctx.publish("loss", loss=out, batch=rows, step=self.steps)

@@ -97,6 +97,7 @@ class Update:
         # persistent device state: written inside captured graphs, read every K updates
         zeros = torch.zeros((), device=device)
         self.bad = zeros.clone()  # 1.0 once an update was non-finite (sticky: later steps are skipped too)
+        self.bad_on_host = False  # the same, known on the host (the guard off the device reads it per update)
         self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
         self.index = torch.zeros((), dtype=torch.int64, device=device)  # updates run so far
         self.version = zeros.clone()  # the learner's weights version (rows' age = version - policy_version)
@@ -144,7 +145,8 @@ class Update:
                 self.snapshot.copy_(torch.where(newly > 0, snapshot, self.snapshot))
                 self.first_bad.copy_(torch.where(newly > 0, self.index, self.first_bad))
                 self.bad.copy_(torch.maximum(self.bad, found))
-            elif bool(found) and not bool(self.bad):  # the host read; the caller skips the step
+            elif not self.bad_on_host and bool(found):  # the one host read; the caller skips the step
+                self.bad_on_host = True
                 self.snapshot = self._snapshot(leaves, out, norms, layout)
                 self.first_bad.copy_(self.index)
                 self.bad.fill_(1.0)
