@@ -22,11 +22,12 @@ from typing import Literal
 from streamrl.errors import ConfigError
 
 
-def _column(rows: list[dict[str, str]], key: str) -> tuple[list[float], list[float]]:
+def _column(rows: list[dict[str, str]], key: str, x: str = "frames") -> tuple[list[float], list[float]]:
+    """``(x values, values)`` of the rows that have ``key``."""
     xs, ys = [], []
     for row in rows:
         if row.get(key):
-            xs.append(float(row["frames"]))
+            xs.append(float(row[x]))
             ys.append(float(row[key]))
     return xs, ys
 
@@ -109,11 +110,7 @@ def read_scalars(run_dir: str | Path, x: str = "frames") -> dict[str, tuple[list
     columns = [c for c in (rows[0] if rows else {}) if c not in ("frames", "wall_s")]
     names = {**{c: c for c in columns}, **{n: c for n, c in METRICS_COLUMNS.items() if c in columns}}
     for name, column in names.items():
-        xs, ys = [], []
-        for row in rows:
-            if row.get(column):
-                xs.append(float(row[x]))
-                ys.append(float(row[column]))
+        xs, ys = _column(rows, column, x)
         if xs:
             series[name] = (xs, ys)
     return series
