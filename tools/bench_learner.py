@@ -65,12 +65,11 @@ from tensordict.nn import NormalParamExtractor, TensorDictModule
 from torch import nn
 
 import streamrl
-from streamrl import MLP, ClipPPOLoss, Epochs, LearnerStage, Pipeline, ProbabilisticActor, Stage, ValueOperator
+from streamrl import MLP, ClipPPOLoss, Epochs, LearnerStage, Pipeline, ProbabilisticActor, ValueOperator
 from streamrl.config import apply_overrides
 from streamrl.events import Event
 from streamrl.loader import load_module, module_name_for
-from streamrl.stages.base import StageContext
-from streamrl.testing import random_chunks
+from streamrl.testing import ListSource, random_chunks
 
 ROOT = Path(__file__).resolve().parents[1]
 DQN_PIPELINE = ROOT / "pipelines" / "dqn_cartpole.py"
@@ -318,25 +317,6 @@ class HandPPO:
         self.update()
 
 
-class Chunks(Stage):
-    """Sends ``count`` prepared chunks, cycling through ``chunks``; stops early when the run stops."""
-
-    outputs = ("batches",)
-    source = True
-
-    def __init__(self, chunks: list[TensorDict], count: int) -> None:
-        super().__init__("chunks")
-        self.chunks = chunks
-        self.count = count
-
-    async def run(self, ctx: StageContext) -> None:
-        out = ctx.output("batches")
-        for i in range(self.count):
-            if ctx.stopping:
-                return
-            await out.send(self.chunks[i % len(self.chunks)])
-
-
 def streamrl_ppo(module: ModuleType, device: torch.device, capture: str, *, updates: int,
                  warmup: int) -> tuple[float, int, float]:
     """(updates/s, updates, seconds) of a LearnerStage built like ppo_inverted_double_pendulum's, on chunks of
@@ -365,8 +345,9 @@ def streamrl_ppo(module: ModuleType, device: torch.device, capture: str, *, upda
         chunk.set("advantage", torch.randn(PPO_CHUNK, 1))
         chunk.set("value_target", torch.randn(PPO_CHUNK, 1))
         chunks.append(chunk.select("observation", "action", "sample_log_prob", "advantage", "value_target"))
-    p = Pipeline("bench_ppo").add(Chunks(chunks, math.ceil((warmup + updates) / per_chunk) + 1), learner)
-    p.connect("chunks.batches", "learner.batches", capacity=1)
+    count = math.ceil((warmup + updates) / per_chunk) + 1
+    p = Pipeline("bench_ppo").add(ListSource("chunks", [chunks[i % len(chunks)] for i in range(count)]), learner)
+    p.connect("chunks.items", "learner.batches", capacity=1)
     return run_timed(p, device, StepClock(warmup))
 
 
