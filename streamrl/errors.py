@@ -255,3 +255,16 @@ def torchrl_names(owner: str, *, accept: Mapping[str, str] | None = None,
         return cast(_Init, wrapper)
 
     return decorate
+
+
+def keeps_targets(what: str, flags: str) -> Callable[[Any], None]:
+    """A :func:`torchrl_names` ``convert`` for TorchRL's ``delay_*`` flags (whether a loss keeps target networks):
+    True is what ours does anyway (dropped), False is refused with what to do instead."""
+
+    def convert(value: Any) -> None:
+        if not value:
+            raise ConfigError(f"{what} (TorchRL's {flags}), got {value!r}; drop the argument, and for targets that "
+                              "follow the online networks at once step HardUpdate(loss, every=1) after each "
+                              "optimizer step")
+
+    return convert

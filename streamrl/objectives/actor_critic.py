@@ -61,20 +61,12 @@ from torch import nn
 from torch.func import functional_call
 
 from streamrl.envs.specs import Bounded
-from streamrl.errors import ConfigError, torchrl_names
+from streamrl.errors import ConfigError, keeps_targets, torchrl_names
 
 LossFunction = Literal["l2", "smooth_l1", "l1"]
 _ELEMENTWISE = {"l2": nn.functional.mse_loss, "smooth_l1": nn.functional.smooth_l1_loss, "l1": nn.functional.l1_loss}
 VALUE_KEY = "state_action_value"
-
-
-def _delayed(value: Any) -> None:
-    """TorchRL's ``delay_actor``/``delay_value``: whether the loss keeps target networks. Ours always does."""
-    if not value:
-        raise ConfigError(f"the actor-critic losses always keep target networks (TorchRL's delay_actor=True, "
-                          f"delay_value=True), got {value!r}; drop the argument, and for targets that follow the "
-                          f"online networks at once step HardUpdate(loss, every=1) after each optimizer step")
-    return None
+_DELAYED = keeps_targets("the actor-critic losses always keep target networks", "delay_actor=True, delay_value=True")
 
 
 def _check_built(module: nn.Module, what: str, loss: str) -> None:
@@ -182,7 +174,7 @@ class DDPGLoss(_ActorCriticLoss):
     max_critics = 1
 
     @torchrl_names("DDPGLoss", accept={"actor_network": "actor", "value_network": "critic"},
-                   convert={"delay_actor": _delayed, "delay_value": _delayed})
+                   convert={"delay_actor": _DELAYED, "delay_value": _DELAYED})
     def __init__(self, actor: TensorDictModuleBase, critic: TensorDictModuleBase, *, gamma: float = 0.99,
                  loss_function: LossFunction = "l2") -> None:
         super().__init__(actor, critic, gamma=gamma, loss_function=loss_function, target_actor=True)

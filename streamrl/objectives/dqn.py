@@ -23,17 +23,8 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torch import nn
 
-from streamrl.errors import ConfigError, torchrl_names
+from streamrl.errors import ConfigError, keeps_targets, torchrl_names
 from streamrl.modules.actors import QValueActor
-
-
-def _delay_value(delay_value: object) -> None:
-    """TorchRL's ``delay_value``: whether the loss keeps a target network. Ours always does."""
-    if not delay_value:
-        raise ConfigError(f"DQNLoss always keeps a target network (TorchRL's delay_value=True), got {delay_value=}; "
-                          f"drop delay_value, and for a target that follows the online network at once step "
-                          f"HardUpdate(loss, every=1) after each optimizer step")
-    return None
 
 
 class DQNLoss(nn.Module):
@@ -43,7 +34,8 @@ class DQNLoss(nn.Module):
     (the loss always has a target network), ``delay_value=False`` is refused.
     """
 
-    @torchrl_names("DQNLoss", accept={"loss_function": "loss"}, convert={"delay_value": _delay_value})
+    @torchrl_names("DQNLoss", accept={"loss_function": "loss"}, convert={"delay_value": keeps_targets(
+        "DQNLoss always keeps a target network", "delay_value=True")})
     def __init__(
         self,
         value_network: QValueActor | nn.Module,
