@@ -8,6 +8,19 @@ against frames, and the loss on a second panel. :func:`plot_runs` draws any scal
 their mean ± standard deviation::
 
     plot_runs(["runs/dqn_s0", "runs/dqn_s1"], scalars=("eval/return", "train/loss"), out="dqn.png")
+
+A run directory may hold more than one run: its CSV files are appended to, by a resumed run (``--resume``, which
+goes on from its last checkpoint) and by a run started afresh in it (``--resume`` before the first checkpoint, or
+``streamrl.run`` given the directory again). :func:`split_runs` tells them apart by the ``wall_s`` column, which
+goes back where a later process started writing (a fresh run's clock starts at 0; a resumed run's goes on from
+its checkpoint's, earlier than the last rows the interrupted run wrote):
+
+* a part that starts further in frames than the run before it did is that run **resumed**: it continues the
+  same curve, and the rows the interrupted run wrote from there on (frames the resumed run collected again) are
+  dropped, so the line does not double back;
+* a part that starts over (at or before the frames where the run before it started) is **another run**: it is
+  drawn as a curve of its own (``plot_run``: "run 2"; ``plot_runs``: ``<dir> (run 2 of 2)``), never joined to
+  the first.
 """
 
 from __future__ import annotations
@@ -32,6 +45,42 @@ def _column(rows: list[dict[str, str]], key: str, x: str = "frames") -> tuple[li
     return xs, ys
 
 
+Rows = list[dict[str, str]]
+Series = dict[str, tuple[list[float], list[float]]]
+
+
+def _float(row: dict[str, str], key: str) -> float | None:
+    try:
+        return float(row[key])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def split_runs(rows: Rows) -> list[Rows]:
+    """The runs that wrote ``rows`` (a ``metrics.csv`` or ``scalars.csv`` of one directory), oldest first.
+
+    A new part starts where ``wall_s`` goes back. A part that starts at more frames than the current run's first
+    row continues that run (a resume: the run's rows at or beyond the part's first frames are dropped, the resumed
+    run wrote them again); one that does not is a new run. See the module docstring.
+    """
+    runs: list[Rows] = []
+    first = last_wall = None  # frames of the current run's first row; wall_s of the previous row
+    for row in rows:
+        wall, frames = _float(row, "wall_s"), _float(row, "frames")
+        back = wall is not None and last_wall is not None and wall < last_wall
+        if back and frames is not None and first is not None and frames > first:
+            # the run resumed: what it wrote from these frames on was collected again
+            runs[-1] = [r for r in runs[-1] if (f := _float(r, "frames")) is None or f < frames]
+            runs[-1].append(row)
+        elif not runs or back:
+            runs.append([row])  # the first run, or one that starts over
+            first = frames
+        else:
+            runs[-1].append(row)
+        last_wall = wall if wall is not None else last_wall
+    return runs
+
+
 def _resumes(run_dir: Path) -> list[int]:
     """Frames at which ``streamrl run --resume`` continued this run (from its ``config.json``)."""
     config = run_dir / "config.json"
@@ -41,7 +90,8 @@ def _resumes(run_dir: Path) -> list[int]:
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Draw the curves of ``run_dir/metrics.csv`` into ``out`` (default ``run_dir/curves.png``)."""
+    """Draw the curves of ``run_dir/metrics.csv`` into ``out`` (default ``run_dir/curves.png``); each run the file
+    holds (see :func:`split_runs`) is a curve of its own."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -52,26 +102,32 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if not metrics.exists():
         raise ConfigError(f"{str(metrics)!r} does not exist; give the directory of a run (streamrl run --out DIR)")
     with open(metrics, newline="") as f:
-        rows = list(csv.DictReader(f))
+        runs = split_runs(list(csv.DictReader(f)))
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=(2, 1))
-    x, y = _column(rows, "episode_return")
-    top.plot(x, y, color="tab:blue", alpha=0.6, label="training episodes (mean per row)")
-    x, y = _column(rows, "eval_return")
-    top.plot(x, y, "o-", color="tab:orange", label="evaluation (deterministic)")
+    for i, rows in enumerate(runs):
+        which = f" (run {i + 1})" if len(runs) > 1 else ""
+        shade = 1.0 if i == len(runs) - 1 else 0.5  # the last run in front
+        x, y = _column(rows, "episode_return")
+        top.plot(x, y, color="tab:blue", alpha=0.6 * shade, linestyle="-" if shade == 1.0 else "--",
+                 label=f"training episodes (mean per row){which}")
+        x, y = _column(rows, "eval_return")
+        top.plot(x, y, "o-" if shade == 1.0 else "o--", color="tab:orange", alpha=shade,
+                 label=f"evaluation (deterministic){which}")
+        x, y = _column(rows, "loss")
+        bottom.plot(x, y, color="tab:gray", alpha=shade, linestyle="-" if shade == 1.0 else "--",
+                    label=f"run {i + 1}" if which else None)
     top.set_ylabel("return")
-    top.legend(loc="best")
-    top.grid(alpha=0.3)
-    x, y = _column(rows, "loss")
-    bottom.plot(x, y, color="tab:gray")
     bottom.set_ylabel("loss")
     bottom.set_xlabel("frames")
-    bottom.grid(alpha=0.3)
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
     for i, frames in enumerate(_resumes(run_dir)):  # where a resumed run took over from a checkpoint
         for ax in (top, bottom):
             ax.axvline(frames, color="tab:red", linestyle=":", label="resumed" if i == 0 and ax is top else None)
-    if _resumes(run_dir):
-        top.legend(loc="best")
-    top.set_title(run_dir.name)
+    top.legend(loc="best", fontsize="small" if len(runs) > 1 else None)
+    if len(runs) > 1:
+        bottom.legend(loc="best", fontsize="small")
+    top.set_title(run_dir.name if len(runs) == 1 else f"{run_dir.name}: {len(runs)} runs")
     fig.tight_layout()
     target = Path(out) if out is not None else run_dir / "curves.png"
     fig.savefig(target, dpi=120)
@@ -86,22 +142,27 @@ METRICS_COLUMNS = {"eval/return": "eval_return", "collect/episode_return": "epis
                    "train/age_mean": "batch_age_mean"}
 
 
-def read_scalars(run_dir: str | Path, x: str = "frames") -> dict[str, tuple[list[float], list[float]]]:
-    """Every scalar of a run: name -> (x values, values), from ``scalars.csv`` (written by
-    ``Logger(CSVSink())``), else from the columns of ``metrics.csv`` under the names ``Logger`` uses
-    (``eval/return``, ``train/loss``...; see :data:`METRICS_COLUMNS`) and their own column names."""
+def read_runs(run_dir: str | Path, x: str = "frames") -> list[Series]:
+    """The scalars of each run ``run_dir`` holds (one, unless it was reused: see :func:`split_runs`), oldest
+    first: name -> (x values, values), from ``scalars.csv`` (written by ``Logger(CSVSink())``), else from the
+    columns of ``metrics.csv`` under the names ``Logger`` uses (``eval/return``, ``train/loss``...; see
+    :data:`METRICS_COLUMNS`) and their own column names."""
     run_dir = Path(run_dir)
     if x not in ("frames", "wall_s"):
         raise ConfigError(f"x must be 'frames' or 'wall_s', got {x!r}")
     scalars_csv, metrics = run_dir / "scalars.csv", run_dir / "metrics.csv"
-    series: dict[str, tuple[list[float], list[float]]] = {}
     if scalars_csv.exists():
         with open(scalars_csv, newline="") as f:
-            for row in csv.DictReader(f):
+            runs = split_runs(list(csv.DictReader(f)))
+        out = []
+        for rows in runs:
+            series: Series = {}
+            for row in rows:
                 xs, ys = series.setdefault(row["name"], ([], []))
                 xs.append(float(row[x]))
                 ys.append(float(row["value"]))
-        return series
+            out.append(series)
+        return out or [{}]
     if not metrics.exists():
         raise ConfigError(f"{str(run_dir)!r} has neither scalars.csv nor metrics.csv; give the directory of a run "
                           "(streamrl run --out DIR) that logged with Logger(CSVSink()) or MetricsCSV")
@@ -109,11 +170,22 @@ def read_scalars(run_dir: str | Path, x: str = "frames") -> dict[str, tuple[list
         rows = list(csv.DictReader(f))
     columns = [c for c in (rows[0] if rows else {}) if c not in ("frames", "wall_s")]
     names = {**{c: c for c in columns}, **{n: c for n, c in METRICS_COLUMNS.items() if c in columns}}
-    for name, column in names.items():
-        xs, ys = _column(rows, column, x)
-        if xs:
-            series[name] = (xs, ys)
-    return series
+    out = []
+    for part in split_runs(rows) if rows else [[]]:
+        series = {}
+        for name, column in names.items():
+            xs, ys = _column(part, column, x)
+            if xs:
+                series[name] = (xs, ys)
+        out.append(series)
+    return out
+
+
+def read_scalars(run_dir: str | Path, x: str = "frames") -> Series:
+    """The scalars of the last run in ``run_dir`` (see :func:`read_runs`; a directory holds one run unless it was
+    reused): name -> (x values, values)."""
+    runs = read_runs(run_dir, x)
+    return runs[-1] if runs else {}
 
 
 def _sorted(xs: list[float], ys: list[float]) -> tuple[list[float], list[float]]:
@@ -158,7 +230,9 @@ def plot_runs(
     experiment: a group of several runs is drawn as its mean (a line) and its mean ± standard deviation (a band),
     over the frames every run of the group reached (each run's curve interpolated there), with each run faintly
     behind; a lone run is one line. ``group="run"`` draws every run alone; a callable maps a run directory to its
-    group's label (e.g. to separate two configurations of one pipeline).
+    group's label (e.g. to separate two configurations of one pipeline). A directory that holds two runs (it was
+    reused: see :func:`split_runs`) counts as two runs, ``<dir> (run 1 of 2)`` and ``<dir> (run 2 of 2)``, never
+    one line that goes back to the start; a resumed run is one.
 
     ``out`` defaults to ``<run dir>/scalars.png`` for one run, ``runs.png`` in the runs' common parent directory
     for several. Returns the path written. A scalar no run has raises :class:`~streamrl.errors.ConfigError`
@@ -180,30 +254,34 @@ def plot_runs(
     for d in dirs:
         if not d.is_dir():
             raise ConfigError(f"{str(d)!r} is not a directory; give the directories of runs (streamrl run --out DIR)")
-    data = {d: read_scalars(d, x) for d in dirs}
-    known = sorted({name for series in data.values() for name in series})
-    missing = [s for s in scalars if not any(s in series for series in data.values())]
+    if group == "pipeline":
+        label_of: Callable[[Path], str] = _pipeline_of
+    elif group == "run" or callable(group):
+        label_of = group if callable(group) else lambda d: d.name
+    else:
+        raise ConfigError(f"group must be 'pipeline', 'run' or a callable (run dir -> label), got {group!r}")
+    # (run directory, run name, scalars): a directory holding two runs (reused, see split_runs) gives two
+    runs: list[tuple[Path, str, Series]] = []
+    for d in dirs:
+        parts = read_runs(d, x)
+        runs += [(d, d.name if len(parts) == 1 else f"{d.name} (run {i + 1} of {len(parts)})", series)
+                 for i, series in enumerate(parts)]
+    known = sorted({name for _, _, series in runs for name in series})
+    missing = [s for s in scalars if not any(s in series for _, _, series in runs)]
     if missing:
         raise ConfigError(f"no run has the scalar(s) {', '.join(map(repr, missing))}; the runs have: "
                           f"{', '.join(known) or 'none (their CSV files are empty)'}")
-    if group == "pipeline":
-        label_of: Callable[[Path], str] = _pipeline_of
-    elif group == "run":
-        label_of = lambda d: d.name  # noqa: E731
-    elif callable(group):
-        label_of = group
-    else:
-        raise ConfigError(f"group must be 'pipeline', 'run' or a callable (run dir -> label), got {group!r}")
-    groups: dict[str, list[Path]] = {}
-    for d in dirs:
-        groups.setdefault(label_of(d), []).append(d)
+    groups: dict[str, list[Series]] = {}
+    for d, name, series in runs:
+        label = name if group == "run" else label_of(d)
+        groups.setdefault(label, []).append(series)
 
     fig, axes = plt.subplots(len(scalars), 1, figsize=(8, 3 * len(scalars) + 1), sharex=True, squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, scalar in zip(axes[:, 0], scalars, strict=True):
         for i, (label, members) in enumerate(groups.items()):
             color = colors[i % len(colors)]
-            curves = [data[d][scalar] for d in members if data[d].get(scalar, ((), ()))[0]]
+            curves = [series[scalar] for series in members if series.get(scalar, ((), ()))[0]]
             if not curves:
                 continue
             marker = "o" if max(len(xs) for xs, _ in curves) < 3 else None  # a point or two: make them visible

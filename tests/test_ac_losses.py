@@ -86,10 +86,10 @@ def test_ddpg_loss_matches_the_formulas_by_hand():
     next_q = q_fn(NEXT_OBS, mu(NEXT_OBS, (1.0, 1.0), 0.0), (0.5, 0.5, 1.0), -0.2)
     target = REWARD + 0.9 * (1 - TERMINATED) * next_q
     q = q_fn(OBS, ACTION, (1.0, 2.0, -0.5), 0.3)
-    assert out["loss_critic"].item() == pytest.approx((weight * (q - target) ** 2).mean().item(), rel=1e-6)
+    assert out["loss_value"].item() == pytest.approx((weight * (q - target) ** 2).mean().item(), rel=1e-6)
     actor_q = q_fn(OBS, mu(OBS, (0.5, -1.0), 0.1), (1.0, 2.0, -0.5), 0.3)
     assert out["loss_actor"].item() == pytest.approx(-actor_q.mean().item(), rel=1e-6)
-    assert out["loss"].item() == pytest.approx((out["loss_actor"] + out["loss_critic"]).item(), rel=1e-6)
+    assert out["loss"].item() == pytest.approx((out["loss_actor"] + out["loss_value"]).item(), rel=1e-6)
     assert torch.allclose(out["td_error"], (q - target).abs())
     assert out["q_value"].item() == pytest.approx(q.mean().item(), rel=1e-6)
     assert out["target_value"].item() == pytest.approx(target.mean().item(), rel=1e-6)
@@ -104,7 +104,7 @@ def test_ddpg_smooth_l1_and_n_step_discounts():
     target = REWARD + gamma * (1 - TERMINATED) * next_q
     q = q_fn(OBS, ACTION, (1.0, 2.0, -0.5), 0.3)
     expected = nn.functional.smooth_l1_loss(q, target)
-    assert out["loss_critic"].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert out["loss_value"].item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_each_term_reaches_only_its_own_network():
@@ -112,7 +112,7 @@ def test_each_term_reaches_only_its_own_network():
     out = loss_fn(batch())
     actor_params, critic_params = list(loss_fn.actor.parameters()), list(loss_fn.critics.parameters())
     from_actor_loss = torch.autograd.grad(out["loss_actor"], critic_params, retain_graph=True, allow_unused=True)
-    from_critic_loss = torch.autograd.grad(out["loss_critic"], actor_params, retain_graph=True, allow_unused=True)
+    from_critic_loss = torch.autograd.grad(out["loss_value"], actor_params, retain_graph=True, allow_unused=True)
     assert all(g is None for g in from_actor_loss) and all(g is None for g in from_critic_loss)
     out["loss"].backward()
     assert all(p.grad is not None for p in actor_params + critic_params)
@@ -133,7 +133,7 @@ def test_one_optimizer_over_the_sum_equals_one_optimizer_per_network():
         out = split(batch())
         opt_actor.zero_grad()
         opt_critic.zero_grad()
-        out["loss_critic"].backward(inputs=list(split.critics.parameters()), retain_graph=True)
+        out["loss_value"].backward(inputs=list(split.critics.parameters()), retain_graph=True)
         out["loss_actor"].backward(inputs=list(split.actor.parameters()))
         opt_actor.step()
         opt_critic.step()
@@ -194,7 +194,7 @@ def test_sac_loss_matches_the_formulas_by_hand():
     actor_q = torch.minimum(q_fn(OBS, action, *Q1), q_fn(OBS, action, *Q2))
     loss_actor = (alpha * log_prob - actor_q).mean()
     loss_alpha = -(math.log(alpha) * (log_prob - 1.0)).mean()  # target entropy "auto": -action_dim = -1
-    for key, expected in [("loss_critic", loss_critic), ("loss_actor", loss_actor), ("loss_alpha", loss_alpha),
+    for key, expected in [("loss_qvalue", loss_critic), ("loss_actor", loss_actor), ("loss_alpha", loss_alpha),
                           ("loss", loss_critic + loss_actor + loss_alpha), ("entropy", -log_prob.mean()),
                           ("target_value", target.mean()), ("q_value", torch.stack([q1, q2]).mean())]:
         assert out[key].item() == pytest.approx(expected.item(), rel=1e-6), key
@@ -225,7 +225,7 @@ def test_one_ensemble_critic_equals_a_list_of_critics():
     ensemble = SACLoss(sac_actor(), TensorDictModule(ensemble_net, ["observation", "action"], [
         "state_action_value"]), gamma=0.9)
     a, b = pair(batch()), ensemble(batch())
-    for key in ("loss_critic", "loss_actor", "loss_alpha", "target_value"):
+    for key in ("loss_qvalue", "loss_actor", "loss_alpha", "target_value"):
         assert a[key].item() == pytest.approx(b[key].item(), rel=1e-6), key
 
 
@@ -241,7 +241,7 @@ def test_td3_targets_use_the_smaller_target_critic_and_clipped_smoothing_noise()
     target = REWARD + 0.9 * (1 - TERMINATED) * next_q
     q1, q2 = q_fn(OBS, ACTION, *Q1), q_fn(OBS, ACTION, *Q2)
     expected = ((q1 - target) ** 2).mean() + ((q2 - target) ** 2).mean()
-    assert out["loss_critic"].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert out["loss_qvalue"].item() == pytest.approx(expected.item(), rel=1e-6)
     noisy = TD3Loss(actor(), [critic(*Q1), critic(*Q2)], gamma=0.9, action_spec=SPEC, policy_noise=1.0,
                     noise_clip=0.3)
     torch.manual_seed(1)

@@ -10,16 +10,23 @@ from typing import Any
 
 import pytest
 import torch
+from tensordict.nn import TensorDictModule, TensorDictSequential
 
 import streamrl.execution.main as runtime
-from streamrl import CSVSink, Logger, Pipeline, Sink, TensorBoardSink, WandbSink
+from streamrl import CSVSink, EventLog, Logger, Pipeline, Sink, TensorBoardSink, WandbSink
 from streamrl.cli import _load
 from streamrl.config import apply_overrides
+from streamrl.envs import GymEnv
 from streamrl.errors import ConfigError
 from streamrl.events import Event, EventBus
 from streamrl.execution.context import RunContext
+from streamrl.hooks.schedules import EpsilonAnnealing
+from streamrl.modules.exploration import AdditiveGaussianModule, EGreedyModule
 from streamrl.plots import plot_runs, read_scalars
+from streamrl.stages.env import EnvStage
+from streamrl.stages.policy import PolicyStage
 from streamrl.summary import RunRecorder
+from streamrl.testing import CountFrames
 
 ROOT = Path(__file__).resolve().parents[1]
 DQN_TINY = ["total_frames=256", "min_fill=64", "batch_size=16", "hidden=16", "buffer_size=512", "eval_every=128",
@@ -78,7 +85,9 @@ def test_a_dqn_run_logs_named_scalars_to_csv_and_the_same_to_tensorboard(dqn_run
     names = {row["name"] for row in rows}
     assert {"train/loss", "train/grad_norm", "train/lr", "train/q_value", "train/target_value", "train/step",
             "collect/episode_return", "collect/episode_length", "collect/frames_per_s", "collect/policy_lag",
-            "collect/episodes", "eval/return", "eval/return_min", "eval/return_max"} <= names
+            "collect/episodes", "eval/return", "eval/return_min", "eval/return_max", "explore/epsilon"} <= names
+    epsilon = [float(row["value"]) for row in rows if row["name"] == "explore/epsilon"]
+    assert epsilon[0] == 1.0 and epsilon[-1] < 1.0 and epsilon == sorted(epsilon, reverse=True)  # annealed
     assert not {"train/updates", "train/version", "collect/frames"} & names  # counters are not means
     frames = [int(row["frames"]) for row in rows]
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -166,6 +175,109 @@ async def test_every_frames_averages_train_scalars_weighted_by_updates(tmp_path)
     logger.on_event(Event("optim_step", "learner", 0.5, {"step": 50, "updates": 10, "loss": 5.0}))
     await logger.close(run)  # the last partial window
     assert sink.points[-1][1]["train/loss"] == 5.0
+
+
+# -- exploration and pipeline telemetry -----------------------------------------------------------------------------
+
+
+def zero_actions(observation: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(observation.shape[:-1], dtype=torch.int64)
+
+
+def test_the_policy_stage_publishes_its_epsilon_at_each_chunk_start_and_the_logger_writes_it(tmp_path):
+    explore = EGreedyModule(2, eps_init=1.0, eps_end=0.0, annealing_frames=64)
+    policy = TensorDictSequential(TensorDictModule(zero_actions, ["observation"], ["action"]), explore)
+    p = Pipeline("explore")
+    p.add(EnvStage("env", GymEnv("CartPole-v1", num_envs=2), frames_per_chunk=32, total_frames=128),
+          PolicyStage("policy", policy), CountFrames("sink"))
+    p.connect("env.policy", "policy.requests", capacity=0)
+    p.connect("env.chunks", "sink.chunks", capacity=2)
+    sink = ListSink()
+    p.add_hook(EpsilonAnnealing(explore), Logger(sink))
+    runtime.run(p, tmp_path, seed=0, device="cpu", handle_signals=False)
+    points = [(frames, scalars["explore/epsilon"]) for frames, scalars in sink.points if "explore/epsilon" in scalars]
+    chunk_ends = [frames for frames, scalars in sink.points if "collect/frames_per_s" in scalars]
+    # one point per chunk: the epsilon it was collected with, at the frames where it started
+    assert [frames for frames, _ in points] == [0, *chunk_ends[:-1]] and len(points) >= 4
+    assert [eps for _, eps in points] == [pytest.approx(max(0.0, 1 - frames / 64)) for frames, _ in points]
+    assert points[0][1] == 1.0 > points[1][1] > 0.0 == points[-1][1]
+
+
+def test_the_action_noise_scale_is_a_scalar_and_a_policy_without_one_publishes_nothing(tmp_path):
+    from streamrl.envs.specs import Bounded
+
+    noise = AdditiveGaussianModule(Bounded(-1.0, 1.0, shape=(1,)), sigma_init=0.5, sigma_end=0.1)
+    assert noise.scalars() == {"sigma": 0.5} and EGreedyModule(3, eps_init=0.25).scalars() == {"epsilon": 0.25}
+    policy = TensorDictModule(zero_actions, ["observation"], ["action"])  # no module reports scalars
+    p = Pipeline("plain")
+    p.add(EnvStage("env", GymEnv("CartPole-v1", num_envs=2), frames_per_chunk=32, total_frames=64),
+          PolicyStage("policy", policy), CountFrames("sink"))
+    p.connect("env.policy", "policy.requests", capacity=0)
+    p.connect("env.chunks", "sink.chunks", capacity=2)
+    sink = ListSink()
+    p.add_hook(Logger(sink))
+    runtime.run(p, tmp_path, seed=0, device="cpu", handle_signals=False)
+    assert sink.points and not any(name.startswith("explore/") for _, scalars in sink.points for name in scalars)
+
+
+def test_epsilon_crosses_from_a_worker_process_as_a_plain_number(tmp_path):
+    overrides = [o for o in DQN_TINY if not o.startswith("placement=")] + ["placement=worker_process"]
+    build, config_cls, module, path = _load(str(ROOT / "pipelines" / "dqn_cartpole.py"))
+    pipeline = build(apply_overrides(config_cls(), [*overrides, "seed=0"]))
+    assert pipeline.worker_groups()  # the policy runs in a worker process
+    sink = ListSink()
+    pipeline.add_hook(Logger(sink))
+    runtime.run(pipeline, tmp_path, seed=0, device="cpu", handle_signals=False,
+                preload=[(module, str(Path(path).resolve()))])
+    epsilon = [scalars["explore/epsilon"] for _, scalars in sink.points if "explore/epsilon" in scalars]
+    assert epsilon and epsilon[0] == 1.0 and all(type(e) is float for e in epsilon)
+
+
+async def test_the_runtime_status_event_becomes_per_stage_and_per_stream_scalars(dqn_runs, tmp_path):
+    # the dict the runtime's status event carries is what status.json holds: take a real run's
+    status = json.loads((dqn_runs[0] / "status.json").read_text())
+    stages, streams = status["stages"], status["streams"]
+    assert streams["learner.batches"]["capacity"] == 4 and streams["collect_policy.requests"]["capacity"] == 0
+    streams["learner.batches"]["depth"] = 3
+    streams["learner.weights (latest)"] = {"depth": 1, "capacity": 1}  # names as a worker's streams have them
+    streams["env.chunks [2]"] = {"depth": None, "capacity": 8}  # not known (yet)
+    sink = ListSink()
+    logger = Logger(sink)
+    run = run_context(tmp_path)
+    await logger.start(run)
+    logger.on_event(Event("status", "runtime", 1.0, status))
+    await logger.close(run)
+    ((_, scalars),) = sink.points
+    assert {k: v for k, v in scalars.items() if k.startswith("stage/")} == {
+        **{f"stage/{name}/busy": stage["busy"] for name, stage in stages.items()},
+        **{f"stage/{name}/frames_per_s": stage["frames_per_s"] for name, stage in stages.items()
+           if "frames_per_s" in stage}}
+    assert scalars["stage/collect_env/frames_per_s"] > 0 and scalars["pipeline/updates_per_s"] == status[
+        "updates_per_s"]
+    assert scalars["stream/learner.batches/depth"] == 3.0 and scalars["stream/learner.batches/fill"] == 0.75
+    assert scalars["stream/learner.weights_latest/depth"] == scalars["stream/learner.weights_latest/fill"] == 1.0
+    assert scalars["stream/collect_policy.requests/depth"] == 0.0  # a rendezvous (capacity 0) has no fill
+    assert "stream/collect_policy.requests/fill" not in scalars and not any("env.chunks" in k for k in scalars)
+
+
+async def test_every_frames_averages_the_telemetry_like_the_other_scalars(tmp_path):
+    sink = ListSink()
+    logger = Logger(sink, every_frames=100)
+    run = run_context(tmp_path)
+    await logger.start(run)
+    for t, depth in ((0.1, 1), (0.2, 3)):
+        logger.on_event(Event("status", "runtime", t, {"streams": {"env.chunks": {"depth": depth, "capacity": 4}}}))
+    logger.on_event(Event("explore", "policy", 0.25, {"epsilon": 0.5}))
+    assert sink.points == []
+    logger.on_event(Event("chunk", "env", 0.3, {"frames": 100, "chunk_frames": 100, "policy_version": 0}))
+    ((frames, scalars),) = sink.points
+    assert frames == 100 and scalars["stream/env.chunks/depth"] == 2.0 and scalars["explore/epsilon"] == 0.5
+
+
+def test_the_event_log_leaves_the_status_event_to_status_json():
+    bus = EventBus()
+    bus.add_hook(EventLog())
+    assert bus.wants("chunk") and bus.wants("explore") and not bus.wants("status")
 
 
 def test_the_logger_refuses_what_is_not_a_sink():

@@ -3,10 +3,24 @@
 import pytest
 import torch
 from tensordict import TensorDict
-from tensordict.nn import InteractionType, TensorDictSequential, set_interaction_type
+from tensordict.nn import InteractionType, TensorDictModule, TensorDictSequential, set_interaction_type
 from torch import nn
 
-from streamrl import MLP, Categorical, ConvNet, DuelingCnnDQNet, EGreedyModule, OneHot, QValueActor
+import streamrl.modules.distributions as distributions
+from streamrl import (
+    MLP,
+    Bounded,
+    Categorical,
+    ConvNet,
+    DuelingCnnDQNet,
+    EGreedyModule,
+    NormalParamExtractor,
+    OneHot,
+    ProbabilisticActor,
+    QValueActor,
+    TanhNormal,
+)
+from streamrl.modules.distributions import TanhBounds
 
 
 def side(size, kernel, stride, padding):
@@ -253,3 +267,25 @@ def test_egreedy_argument_errors():
         EGreedyModule(2, annealing_frames=0)
     with pytest.raises(ValueError, match="disagrees"):
         EGreedyModule(3, spec=Categorical(shape=(), dtype=torch.int64, n=2))
+
+
+# ----------------------------------------------------------------------------------------- squashed-normal bounds
+
+
+def test_probabilistic_actor_passes_its_precomputed_bounds_to_every_distribution():
+    net = TensorDictModule(nn.Sequential(MLP(2, in_features=3, num_cells=(8,)), NormalParamExtractor()),
+                           in_keys=["observation"], out_keys=["loc", "scale"])
+    actor = ProbabilisticActor(net, spec=Bounded(torch.tensor([-1.0]), torch.tensor([3.0])))
+    td = TensorDict({"observation": torch.randn(4, 3)}, [4])
+    first, second = actor.get_dist(td.copy()), actor.get_dist(td.copy())
+    assert first._half is second._half is actor.module[1].half_range  # converted once, by the actor
+    torch.testing.assert_close((first._mid, first._half, first._log_half),
+                               (torch.tensor([1.0]), torch.tensor([2.0]), torch.tensor([2.0]).log()))
+    assert not hasattr(distributions, "_bounds_cache")  # no module-level state behind the distributions
+    loc, scale = torch.randn(4, 1), torch.rand(4, 1) + 0.1
+    given = TanhNormal(loc, scale, bounds=TanhBounds.of(torch.tensor([-1.0]), torch.tensor([3.0])))
+    action = torch.rand(4, 1) * 4 - 1
+    torch.testing.assert_close(given.log_prob(action), TanhNormal(loc, scale, -1.0, 3.0).log_prob(action))
+    actor.double()  # the bounds are buffers: they follow, and the distribution is float64 throughout
+    dist = actor.get_dist(td.double())
+    assert dist._half.dtype == dist.mode.dtype == torch.float64

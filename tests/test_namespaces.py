@@ -96,7 +96,7 @@ def test_the_imports_torchrl_tutorials_write():
         TanhNormal,
         ValueOperator,
     )
-    from streamrl.objectives import GAE, ClipPPOLoss, DDPGLoss, DQNLoss, HardUpdate, SoftUpdate
+    from streamrl.objectives import GAE, ClipPPOLoss, DDPGLoss, DQNLoss, HardUpdate, SoftUpdate, ValueEstimators
     from streamrl.replay import (
         MultiStep,
         PrioritizedSampler,
@@ -114,8 +114,8 @@ def test_the_imports_torchrl_tutorials_write():
                 StepCounter, ToTensorImage, TransformedEnv, check_env_specs, step_mdp, Bounded, Categorical, Composite,
                 OneHot, Unbounded, MLP, Actor, ConvNet, DuelingCnnDQNet, EGreedyModule, NormalParamExtractor,
                 ProbabilisticActor, QValueActor, TanhNormal, ValueOperator, GAE, ClipPPOLoss, DDPGLoss, DQNLoss,
-                HardUpdate, SoftUpdate, MultiStep, PrioritizedSampler, RamStorage, RateLimiter, ReplayBuffer,
-                SamplerWithoutReplacement, ZarrStorage, CatTensors, DoubleToFloat]
+                HardUpdate, SoftUpdate, ValueEstimators, MultiStep, PrioritizedSampler, RamStorage, RateLimiter,
+                ReplayBuffer, SamplerWithoutReplacement, ZarrStorage, CatTensors, DoubleToFloat]
     assert [value for value in imported if getattr(streamrl, value.__name__) is not value] == []
 
     # 002's first lines: a transformed env built from ``streamrl.envs`` names whose specs hold

@@ -14,11 +14,21 @@ from streamrl.errors import ConfigError, torchrl_names
 from streamrl.modules.actors import Actor, ProbabilisticActor, QValueActor, ValueOperator
 from streamrl.modules.exploration import AdditiveGaussianModule, EGreedyModule, OrnsteinUhlenbeckModule
 from streamrl.modules.nets import MLP, ConvNet, DuelingCnnDQNet
-from streamrl.objectives.actor_critic import DDPGLoss, TD3Loss
+from streamrl.objectives import ValueEstimators
+from streamrl.objectives.actor_critic import DDPGLoss, SACLoss, TD3Loss
 from streamrl.objectives.dqn import DQNLoss
-from streamrl.objectives.ppo import A2CLoss, ClipPPOLoss, LossKeys
+from streamrl.objectives.ppo import A2CLoss, ClipPPOLoss, LossKeys, ReinforceLoss
 from streamrl.objectives.updaters import HardUpdate, SoftUpdate
-from streamrl.objectives.value import gae, td0_return, td1_return, td_lambda_return
+from streamrl.objectives.value import (
+    GAE,
+    TD0Estimator,
+    TD1Estimator,
+    TDLambdaEstimator,
+    gae,
+    td0_return,
+    td1_return,
+    td_lambda_return,
+)
 from streamrl.replay.multistep import MultiStep
 
 
@@ -114,6 +124,99 @@ def test_ppo_loss_reads_the_key_named_the_torchrl_way():
         ClipPPOLoss(actor, critic)(batch)  # the default "advantage" is not in the batch
 
 
+def off_policy_batch(obs: int, action: torch.Tensor) -> TensorDict:
+    n = action.shape[0]
+    return TensorDict({"observation": torch.randn(n, obs), "action": action,
+                       "next": {"observation": torch.randn(n, obs), "reward": torch.randn(n, 1),
+                                "terminated": torch.zeros(n, 1, dtype=torch.bool)}}, [n])
+
+
+def sac_actor() -> ProbabilisticActor:
+    net = TensorDictModule(nn.Sequential(MLP(2, in_features=3, num_cells=(8,)), NormalParamExtractor()),
+                           in_keys=["observation"], out_keys=["loc", "scale"])
+    return ProbabilisticActor(net, spec=Bounded(-2.0, 2.0, (1,)))
+
+
+def test_losses_return_torchrls_term_names():
+    """TorchRL's key sets, plus ``loss`` (the sum our learner steps on) and our diagnostics."""
+    diagnostics = {"loss", "q_value", "target_value", "td_error"}
+    out = DQNLoss(q_actor())(off_policy_batch(4, torch.randint(0, 2, (5,))))
+    assert set(out.keys()) == {"loss", "q_value", "target_value", "td_error"}
+    continuous = off_policy_batch(3, torch.rand(5, 1))
+    actor, critic = ddpg_parts()
+    assert set(DDPGLoss(actor, critic)(continuous).keys()) == {"loss_actor", "loss_value"} | diagnostics
+    twins = [ddpg_parts()[1], ddpg_parts()[1]]
+    td3 = TD3Loss(actor, twins, action_spec=actor.spec, policy_delay=1)(continuous)
+    assert set(td3.keys()) == {"loss_actor", "loss_qvalue"} | diagnostics
+    sac = SACLoss(sac_actor(), twins)(continuous)
+    assert set(sac.keys()) == {"loss_actor", "loss_qvalue", "loss_alpha", "alpha", "entropy"} | diagnostics
+    for out in (td3, sac):  # TorchRL's way to the total: the sum of the loss_* entries
+        total = sum(value for key, value in out.items() if key.startswith("loss_"))
+        torch.testing.assert_close(total, out["loss"])
+    actor, critic = ppo_parts()
+    batch = TensorDict({"observation": torch.randn(5, 3), "action": torch.rand(5, 1) * 1.8 - 0.9,
+                        "sample_log_prob": torch.zeros(5), "advantage": torch.randn(5, 1),
+                        "value_target": torch.randn(5, 1)}, [5])
+    assert set(ClipPPOLoss(actor, critic)(batch).keys()) == {
+        "loss_objective", "loss_critic", "loss_entropy", "entropy", "kl_approx", "clip_fraction", "ess", "loss"}
+    assert set(A2CLoss(actor, critic)(batch).keys()) == {
+        "loss_objective", "loss_critic", "loss_entropy", "entropy", "loss"}
+
+
+def test_bootstrapping_losses_take_gamma_from_make_value_estimator():
+    loss = DQNLoss(q_actor(), gamma=0.99)
+    assert loss.make_value_estimator(gamma=0.9) is loss and loss.gamma == 0.9  # TD0, the default (tutorial 001)
+    assert loss.make_value_estimator(ValueEstimators.TD0).gamma == 0.9  # no gamma: keeps the current one
+    actor, critic = ddpg_parts()
+    assert DDPGLoss(actor, critic).make_value_estimator("TD0", gamma=0.5).gamma == 0.5  # by name, as TorchRL's
+    for value_type in (ValueEstimators.GAE, ValueEstimators.TD1, ValueEstimators.TDLambda):
+        with pytest.raises(ValueError, match=rf"DQNLoss\.make_value_estimator takes ValueEstimators\.TD0 only .* "
+                                             rf"got ValueEstimators\.{value_type.name}; for n-step returns add "
+                                             rf"MultiStep"):
+            loss.make_value_estimator(value_type, gamma=0.9)
+    with pytest.raises(ValueError, match=r"SACLoss\.make_value_estimator takes ValueEstimators\.TD0 only"):
+        SACLoss(sac_actor(), [ddpg_parts()[1], ddpg_parts()[1]]).make_value_estimator(ValueEstimators.GAE)
+    with pytest.raises(TypeError, match=r"ValueEstimators\.TD0 takes \['gamma'\], got \['lmbda'\]"):
+        loss.make_value_estimator(lmbda=0.9)
+    with pytest.raises(ConfigError, match=r"gamma must be in \[0, 1\], got 1\.5"):
+        loss.make_value_estimator(gamma=1.5)
+    with pytest.raises(ValueError, match=r"unknown value type 'vtrace'; pass one of \['ValueEstimators\.TD0'"):
+        loss.make_value_estimator("vtrace")
+
+
+def test_the_target_discount_is_the_one_make_value_estimator_set():
+    actor, critic = ddpg_parts()
+    batch = off_policy_batch(3, torch.rand(5, 1))
+    zero = DDPGLoss(actor, critic).make_value_estimator(gamma=0.0)(batch)
+    torch.testing.assert_close(zero["target_value"], batch["next", "reward"].mean())
+
+
+@pytest.mark.parametrize("loss_class", [ClipPPOLoss, A2CLoss, ReinforceLoss])
+def test_policy_gradient_losses_build_the_estimator_over_their_critic(loss_class):
+    actor, critic = ppo_parts()
+    loss = loss_class(actor, critic, advantage_key="adv")
+    assert loss.value_estimator is None
+    assert loss.make_value_estimator(ValueEstimators.GAE, gamma=0.9, lmbda=0.8) is loss  # TorchRL returns the loss
+    estimator = loss.value_estimator
+    assert isinstance(estimator, GAE) and estimator.value_network is critic
+    assert (estimator.gamma, estimator.lmbda, estimator.keys.advantage) == (0.9, 0.8, "adv")
+    chunk = TensorDict({"observation": torch.randn(2, 6, 3), "action": torch.rand(2, 6, 1) * 1.8 - 0.9,
+                        "sample_log_prob": torch.zeros(2, 6),
+                        "next": {"observation": torch.randn(2, 6, 3), "reward": torch.randn(2, 6, 1),
+                                 "done": torch.zeros(2, 6, 1, dtype=torch.bool),
+                                 "terminated": torch.zeros(2, 6, 1, dtype=torch.bool)}}, [2, 6])
+    expected = GAE(gamma=0.9, lmbda=0.8, value_network=critic)(chunk.clone())["advantage"]
+    torch.testing.assert_close(estimator(chunk)["adv"], expected)
+    assert torch.isfinite(loss(chunk.reshape(-1))["loss"])
+    kinds = {ValueEstimators.TD0: TD0Estimator, ValueEstimators.TD1: TD1Estimator,
+             ValueEstimators.TDLambda: TDLambdaEstimator, "gae": GAE}
+    for value_type, kind in kinds.items():
+        assert type(loss.make_value_estimator(value_type).value_estimator) is kind
+    assert (loss.value_estimator.gamma, loss.value_estimator.lmbda) == (0.99, 0.95)  # TorchRL's defaults
+    with pytest.raises(TypeError, match=r"ValueEstimators\.TD1 takes \['gamma'\], got \['lmbda'\]"):
+        loss.make_value_estimator(ValueEstimators.TD1, lmbda=0.9)
+
+
 # -- modules ---------------------------------------------------------------------------------------------------
 
 
@@ -188,6 +291,24 @@ def test_gym_cartpole_action_spec_says_to_use_n():
         env.close()
 
 
+def test_bounded_takes_torchrls_positional_order():
+    spec = Bounded(-2.0, 2.0, (3,))  # TorchRL's Bounded(low, high, shape, device=None, dtype=None)
+    assert spec.shape == (3,) and spec.dtype == torch.float32 and spec.device == torch.device("cpu")
+    assert torch.equal(spec.low, torch.full((3,), -2.0)) and torch.equal(spec.high, torch.full((3,), 2.0))
+    assert Bounded(torch.zeros(2), torch.ones(2)).shape == (2,)  # the shape of the bounds
+    spec = Bounded(0, 255, (2, 2), "cpu", torch.uint8)
+    assert spec.dtype == torch.uint8 and spec.high.dtype == torch.uint8
+    assert Bounded(shape=(1,), dtype=torch.float64, low=-1, high=1).dtype == torch.float64  # keywords as before
+    with pytest.raises(TypeError, match=r"Bounded takes TorchRL's positional order \(low, high, shape, device, "
+                                        r"dtype\); got the dtype torch\.float32 as high.*Bounded\(shape=\(3,\), "
+                                        r"dtype=torch\.float32, low=\.\.\., high=\.\.\.\)"):
+        Bounded((3,), torch.float32)
+
+
+def test_discrete_specs_share_space():
+    assert Categorical(shape=(), dtype=torch.int64, n=4).space == OneHot(shape=(4,), dtype=torch.int64, n=4).space
+
+
 # -- value functions -------------------------------------------------------------------------------------------
 
 
@@ -204,6 +325,21 @@ def test_value_functions_refuse_torchrl_shaped_tensors(fn):
         call()
     squeezed = x.squeeze(-1)
     assert gae(0.99, 0.95, squeezed, squeezed, squeezed, squeezed < 0, squeezed < 0)[0].shape == (4, 10)
+
+
+def test_value_functions_take_single_step_tensors_when_told():
+    reward, value = torch.tensor([[1.0], [2.0]]), torch.tensor([[0.5], [0.5]])
+    terminated = torch.tensor([[False], [True]])
+    with pytest.raises(ConfigError, match=r"For chunks of one step \(T=1\), pass single_step=True"):
+        td0_return(0.9, reward, value, terminated)
+    expected = torch.tensor([[1.45], [2.0]])
+    torch.testing.assert_close(td0_return(0.9, reward, value, terminated, single_step=True), expected)
+    torch.testing.assert_close(td1_return(0.9, reward, value, terminated, terminated, single_step=True), expected)
+    torch.testing.assert_close(td_lambda_return(0.9, 0.5, reward, value, terminated, terminated, single_step=True),
+                               expected)
+    advantage, target = gae(0.9, 0.5, value, value, reward, terminated, terminated, single_step=True)
+    torch.testing.assert_close(target, expected)
+    torch.testing.assert_close(advantage, expected - value)
 
 
 # -- the helper ------------------------------------------------------------------------------------------------

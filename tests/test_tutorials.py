@@ -437,15 +437,14 @@ def test_003_library_tour(tmp_path: Path) -> None:
     value = ValueOperator(MLP(1, num_cells=[4, 5]), in_keys=["hidden", "action"], out_keys=["value"])
     out = TensorDictSequential(backbone, head, value)(TensorDict({"input": torch.randn(3, 5)}, [3]))
     assert out["value"].shape == (3, 1)
-    # TorchRL's Bounded(low, high) (or Bounded(low=, high=, shape=) with float32 by default) is
-    # Bounded(shape, dtype, low=, high=) here: shape and dtype come first and are required.
-    spec = Bounded((3,), torch.float32, low=-1.0, high=1.0)
+    # TorchRL's Bounded(low, high, shape), float32 by default.
+    spec = Bounded(-1.0, 1.0, (3,))
     actor = Actor(nn.Linear(5, 3), in_keys=["obs"], spec=spec)
     action = actor(TensorDict({"obs": torch.randn(5) * 100}, []))["action"]
     assert action.shape == (3,) and spec.is_in(action)
     prob = ProbabilisticActor(
         TensorDictModule(nn.Sequential(nn.Linear(5, 4), NormalParamExtractor()), in_keys=["input"],
-                         out_keys=["loc", "scale"]), spec=Bounded((2,), torch.float32, low=-1.0, high=1.0))
+                         out_keys=["loc", "scale"]), spec=Bounded(-1.0, 1.0, (2,)))
     inputs = TensorDict({"input": torch.randn(3, 5)}, [3])
     with set_interaction_type(InteractionType.DETERMINISTIC):
         mode = prob(inputs.clone())["action"]
@@ -493,9 +492,9 @@ def test_003_library_tour(tmp_path: Path) -> None:
     q_value = ValueOperator(MLP(1, in_features=4, num_cells=[8]), in_keys=["observation", "action"])
     loss_fn = DDPGLoss(policy, q_value, gamma=0.99)
     loss_td = loss_fn(rb.sample(16))
-    # TorchRL names the critic's term loss_value; it is loss_critic here (and "loss" is their sum).
-    assert {"loss_actor", "loss_critic", "loss"} <= set(loss_td.keys())
-    assert all(torch.isfinite(loss_td[k]) for k in ("loss_actor", "loss_critic", "loss"))
+    # TorchRL's names: loss_actor and loss_value ("loss" is their sum).
+    assert {"loss_actor", "loss_value", "loss"} <= set(loss_td.keys())
+    assert all(torch.isfinite(loss_td[k]) for k in ("loss_actor", "loss_value", "loss"))
 
 
 # -- 004: loss modules (DDPG on Pendulum) -------------------------------------------------------------------------
@@ -556,5 +555,5 @@ def test_004_loss_modules(tmp_path: Path) -> None:
     result = streamrl.run(p, tmp_path, handle_signals=False)
     assert result.exit_reason == "completed" and result.summary["frames"] == 192
     assert seen["optim_step"][-1]["step"] >= 16
-    assert all(finite(o["loss_actor"]) and finite(o["loss_critic"]) for o in seen["optim_step"])
+    assert all(finite(o["loss_actor"]) and finite(o["loss_value"]) for o in seen["optim_step"])
     assert (tmp_path / "checkpoint.pt").is_file()

@@ -74,12 +74,32 @@ class Unbounded(Spec):
         return torch.randint(-100, 100, shape, device=self.device).to(self.dtype)
 
 
-@dataclass
+@dataclass(init=False)
 class Bounded(Spec):
-    """Values in ``[low, high]`` (elementwise; scalars broadcast)."""
+    """Values in ``[low, high]`` (elementwise; scalars broadcast).
+
+    The arguments are TorchRL's, in its order: ``Bounded(low, high, shape=None, device=None, dtype=None)``.
+    ``shape`` defaults to the broadcast shape of ``low`` and ``high``, ``dtype`` to float32 and ``device`` to the
+    CPU::
+
+        Bounded(-2.0, 2.0, (1,))                    # float32 actions in [-2, 2]
+        Bounded(low=0, high=255, shape=(84, 84, 3), dtype=torch.uint8)
+    """
 
     low: Any = 0.0  # a tensor, array or scalar, broadcast to the shape
     high: Any = 1.0
+
+    def __init__(self, low: Any = 0.0, high: Any = 1.0, shape: Sequence[int] | None = None, device: Any = None,
+                 dtype: Any = None) -> None:
+        if isinstance(high, (torch.dtype, np.dtype)) or (isinstance(high, type) and issubclass(high, np.generic)):
+            raise TypeError(f"Bounded takes TorchRL's positional order (low, high, shape, device, dtype); got the "
+                            f"dtype {high!r} as high: to give shape and dtype first, pass keywords: "
+                            f"Bounded(shape={low!r}, dtype={high!r}, low=..., high=...)")
+        if shape is None:
+            shape = torch.broadcast_shapes(torch.as_tensor(low).shape, torch.as_tensor(high).shape)
+        self.low, self.high = low, high
+        super().__init__(shape=shape, dtype=torch.float32 if dtype is None else dtype,
+                         device=torch.device("cpu") if device is None else device)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -175,24 +195,29 @@ class IndexShape(tuple[int, ...]):
 
 
 @dataclass
-class Categorical(Spec):
+class _Discrete(Spec):
+    """What the discrete specs share: ``n`` choices, and TorchRL's ``spec.space``."""
+
+    n: int = 2
+
+    @property
+    def space(self) -> DiscreteBox:
+        """TorchRL's ``spec.space``: ``space.n`` is the number of choices."""
+        return DiscreteBox(self.n)
+
+
+@dataclass
+class Categorical(_Discrete):
     """An index in ``[0, n)`` (``shape`` () for one choice, ``(k,)`` for k independent choices).
 
     ``n`` (and ``space.n``) is the number of choices. With shape ``()`` there is no action dim: ``shape[-1]``
     raises an ``IndexError`` that says to read ``n`` (TorchRL's one-hot specs have shape ``[..., n]``).
     """
 
-    n: int = 2
-
     def __post_init__(self) -> None:
         super().__post_init__()
         if len(self.shape) == 0:
             self.shape = IndexShape()
-
-    @property
-    def space(self) -> DiscreteBox:
-        """TorchRL's ``spec.space``: ``space.n`` is the number of choices."""
-        return DiscreteBox(self.n)
 
     def rand(self, batch: Batch = ()) -> torch.Tensor:
         return torch.randint(0, self.n, (*batch, *self.shape), device=self.device).to(self.dtype)
@@ -205,15 +230,8 @@ class Categorical(Spec):
 
 
 @dataclass
-class OneHot(Spec):
+class OneHot(_Discrete):
     """A one-hot vector over ``n`` choices (last dim of ``shape`` is ``n``)."""
-
-    n: int = 2
-
-    @property
-    def space(self) -> DiscreteBox:
-        """TorchRL's ``spec.space``: ``space.n`` is the number of choices."""
-        return DiscreteBox(self.n)
 
     def rand(self, batch: Batch = ()) -> torch.Tensor:
         index = torch.randint(0, self.n, (*batch, *self.shape[:-1]), device=self.device)

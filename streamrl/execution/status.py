@@ -126,7 +126,10 @@ class StatusWriter:
     async def run(self) -> None:
         """Write the status now, then every ``interval`` seconds, until cancelled (the runtime does at the end)."""
         while not self.finished:
-            self.write(self.snapshot())
+            status = self.snapshot()
+            self.write(status)
+            if not self.run_ctx.bus.logical:  # timer-driven events would shift a deterministic run's event clock
+                await self.run_ctx.bus.publish("status", "runtime", status)
             await anyio.sleep(self.interval)
 
     def write_final(self, summary: dict[str, Any]) -> None:

@@ -21,14 +21,24 @@ x-axis (and the seconds since the run started, ``wall_s``):
 * ``collect/frames_per_s`` (all collectors together), ``collect/episode_return`` and ``collect/episode_length``
   (mean of the episodes that ended), ``collect/episodes`` (so far), ``collect/policy_lag`` (weight versions the
   acting policy was behind the learner's latest, per chunk), and ``collect/<key>`` for any other scalar a
-  ``chunk`` event carries (an exploration schedule's ``epsilon`` or ``sigma``, once the collector publishes it).
+  ``chunk`` event carries.
+* ``explore/<key>`` for each scalar of the policy stage's ``explore`` event, published at each chunk's start by
+  the policy's modules that report some (``scalars()``): ``explore/epsilon`` (``EGreedyModule``),
+  ``explore/sigma`` (the action noise scale of ``AdditiveGaussianModule`` and ``OrnsteinUhlenbeckModule``).
 * ``eval/return`` (mean over the evaluation episodes), ``eval/return_min``, ``eval/return_max``,
   ``eval/return_std``.
+* The pipeline's telemetry, from the runtime's ``status`` event (the figures of ``status.json``, about once a
+  second; none in a ``--deterministic`` run): ``stage/<stage>/busy`` (the share of the last seconds the stage
+  worked; ``env[2]`` for replica 2), ``stage/<stage>/frames_per_s`` (stages that collect),
+  ``stream/<stream>/depth`` (items queued) and ``stream/<stream>/fill`` (depth / capacity; streams with room
+  for items), ``pipeline/updates_per_s`` (the learner's). Stage and stream names keep letters, digits, ``_.-[]``
+  (anything else becomes ``_``: ``learner.weights (latest)`` is ``stream/learner.weights_latest/depth``).
 
 ``every_frames=None`` (the default) writes each event's scalars as it comes: a ``train/`` point every
-``report_every`` updates, a ``collect/`` point per chunk. ``every_frames=N`` averages the ``train/`` and
-``collect/`` scalars (``train/`` weighted by the updates each report covers) and writes one point per name every
-``N`` frames; evaluations are always written at once.
+``report_every`` updates, a ``collect/`` and an ``explore/`` point per chunk, the telemetry once a second.
+``every_frames=N`` averages the ``train/``, ``collect/``, ``explore/`` and telemetry scalars (``train/`` weighted
+by the updates each report covers) and writes one point per name every ``N`` frames; evaluations are always
+written at once.
 
 Sinks are objects with ``open(run_dir)``, ``write(frames, wall_s, scalars)`` and ``close()`` (:class:`Sink`):
 
@@ -50,6 +60,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
+import re
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
@@ -66,6 +77,31 @@ _OPTIM_COUNTERS = frozenset({"step", "version", "updates"})
 #: ``eval`` event keys and the scalar each one becomes.
 _EVAL_NAMES = {"mean_return": "eval/return", "min_return": "eval/return_min", "max_return": "eval/return_max",
                "std_return": "eval/return_std"}
+#: Characters a stage or stream name keeps in a scalar's name (others become ``_``).
+_UNSAFE = re.compile(r"[^\w.\-\[\]]+")
+
+
+def _tag(name: str) -> str:
+    """A stage or stream name as part of a scalar's name: ``"env.chunks [2]"`` -> ``"env.chunks_[2]"``."""
+    return _UNSAFE.sub("_", name).strip("_") or "_"
+
+
+def status_scalars(status: dict[str, Any]) -> dict[str, float]:
+    """The telemetry scalars of a ``status`` event (the dict ``status.json`` holds); see the module docstring."""
+    scalars: dict[str, float] = {}
+    for label, stage in (status.get("stages") or {}).items():
+        for key in ("busy", "frames_per_s"):
+            if (value := _number(stage.get(key))) is not None:
+                scalars[f"stage/{_tag(label)}/{key}"] = value
+    for name, stream in (status.get("streams") or {}).items():
+        depth, capacity = _number(stream.get("depth")), _number(stream.get("capacity"))
+        if depth is not None:
+            scalars[f"stream/{_tag(name)}/depth"] = depth
+            if capacity:
+                scalars[f"stream/{_tag(name)}/fill"] = depth / capacity
+    if (value := _number(status.get("updates_per_s"))) is not None:
+        scalars["pipeline/updates_per_s"] = value
+    return scalars
 
 
 def _number(value: Any) -> float | None:
@@ -226,9 +262,21 @@ class Logger(Hook):
     ::
 
         pipeline.add_hook(Logger(CSVSink(), TensorBoardSink(), every_frames=1_000))
+
+    The scalars, by the event they come from (details in the module docstring):
+
+    * ``optim_step``: ``train/loss``, ``train/loss_*``, ``train/grad_norm``, ``train/lr``, ``train/q_value``,
+      ``train/target_value``, ``train/entropy``, ``train/kl_approx``, ``train/clip_fraction``, ``train/age_mean``,
+      ``train/step``: every number the learner reports, under ``train/``;
+    * ``chunk``: ``collect/frames_per_s``, ``collect/episode_return``, ``collect/episode_length``,
+      ``collect/episodes``, ``collect/policy_lag``;
+    * ``explore`` (the policy stage, at each chunk's start): ``explore/epsilon``, ``explore/sigma``;
+    * ``eval``: ``eval/return``, ``eval/return_min``, ``eval/return_max``, ``eval/return_std``;
+    * ``status`` (the runtime, about once a second): ``stage/<stage>/busy``, ``stage/<stage>/frames_per_s``,
+      ``stream/<stream>/depth``, ``stream/<stream>/fill``, ``pipeline/updates_per_s``.
     """
 
-    events = ("chunk", "optim_step", "eval", "weights")
+    events = ("chunk", "optim_step", "eval", "weights", "explore", "status")
     mode = "lossy"
     main_only = True
     capacity = 4096
@@ -312,6 +360,13 @@ class Logger(Hook):
                 number = _number(value)
                 if number is not None and key not in _CHUNK_KEYS:
                     self.window.add(f"collect/{key}", number)
+        elif kind == "explore":
+            for key, value in data.items():
+                if (number := _number(value)) is not None:
+                    self.window.add(f"explore/{key}", number)
+        elif kind == "status":
+            for name, value in status_scalars(data).items():
+                self.window.add(name, value)
         else:
             return
         if self.every_frames is None or self.frames >= self.next_write_at:

@@ -5,7 +5,8 @@
     pipeline.add_hook(EventLog(), MetricsCSV(every_frames=5_000))
 
 ``events.jsonl`` holds one JSON object per event (``event`` = its kind, ``source``, ``t`` = seconds since the
-run started, and its scalar data); frequent kinds are thinned with ``every={"optim_step": 100}``.
+run started, and its scalar data), but for ``batch``, ``loss`` (tensors) and ``status`` (what ``status.json``
+holds, once a second); frequent kinds are thinned with ``every={"optim_step": 100}``.
 ``metrics.csv`` holds one row every ``every_frames`` frames and one per evaluation. Both files are flushed line
 by line, so a crash loses nothing that was written; both are lossy subscribers (they never slow a stage, and the
 summary reports any event they dropped). Both append, so a resumed run continues them.
@@ -122,7 +123,9 @@ def _drop_torn_line(path: Path, block: int = 1 << 16) -> None:
 class EventLog(Hook):
     """Writes events to ``<run dir>/events.jsonl`` with structlog's JSON renderer."""
 
-    events = ("*", "-batch", "-loss")  # those two carry tensors only: nothing a JSON line could hold
+    # batch and loss carry tensors only: nothing a JSON line could hold; status (the runtime's figures, once a
+    # second) is status.json's content
+    events = ("*", "-batch", "-loss", "-status")
     mode = "lossy"
     main_only = True
     capacity = 4096

@@ -40,7 +40,7 @@ from torch import nn
 
 from streamrl.envs.specs import Bounded, Categorical, OneHot, Spec
 from streamrl.errors import ConfigError, torchrl_names
-from streamrl.modules.distributions import TanhNormal
+from streamrl.modules.distributions import TanhBounds, TanhNormal
 
 
 class QValueActor(TensorDictModuleBase):
@@ -112,18 +112,27 @@ def register_bounds(module: nn.Module, low: Any, high: Any) -> None:
 
 
 class _BoundedDistributionModule(ProbabilisticTensorDictModule):
-    """A probabilistic module whose distribution gets ``low``/``high`` from buffers, which follow ``.to()``."""
+    """A probabilistic module whose ``TanhNormal`` gets its bounds precomputed (:class:`TanhBounds`) from buffers,
+    which follow ``.to()`` and ``.double()``: a distribution built at every call converts nothing."""
 
     low: torch.Tensor
     high: torch.Tensor
+    mid: torch.Tensor
+    half_range: torch.Tensor  # not "half": nn.Module.half() is a method
+    log_half_range: torch.Tensor
 
     def __init__(self, *, low: Any, high: Any, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         register_bounds(self, low, high)
+        bounds = TanhBounds.of(self.low, self.high)
+        self.register_buffer("mid", bounds.mid, persistent=False)
+        self.register_buffer("half_range", bounds.half, persistent=False)
+        self.register_buffer("log_half_range", bounds.log_half, persistent=False)
 
     @property
     def distribution_kwargs(self) -> dict[str, Any]:
-        return {**self._fixed_kwargs, "low": self.low, "high": self.high}
+        bounds = TanhBounds(self.low, self.high, self.mid, self.half_range, self.log_half_range)
+        return {**self._fixed_kwargs, "bounds": bounds}
 
     @distribution_kwargs.setter
     def distribution_kwargs(self, value: Mapping[str, Any]) -> None:

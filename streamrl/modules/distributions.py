@@ -30,6 +30,7 @@ tensor that the latest ``rsample`` returned (a SAC-style ``a = dist.rsample(); d
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -41,46 +42,43 @@ _MEAN_POINTS = 128  # quantile points of the estimate behind TanhNormal.mean
 _LOG_SQRT_2PI = math.log(math.sqrt(2 * math.pi))  # the constant of torch's Normal.log_prob, the same float
 _LOG_2 = math.log(2.0)
 _Shape = torch.Size | list[int] | tuple[int, ...]
-_BOUNDS_CACHE_SIZE = 8
-_bounds_cache: dict[tuple[object, ...], tuple[object, ...]] = {}
 
 
-def _bounds(low: float | torch.Tensor, high: float | torch.Tensor, like: torch.Tensor,
-            *, check: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(low, high, mid, half, log(half))`` as tensors of ``like``'s dtype and device, cached by bounds.
+class TanhBounds(NamedTuple):
+    """``low`` and ``high`` as tensors, with what :class:`TanhNormal` derives from them: ``mid``, ``half`` and
+    ``log(half)``. An actor computes them once (``ProbabilisticActor`` keeps them as buffers) and passes them as
+    ``TanhNormal(loc, scale, bounds=...)``, so a distribution built at every call converts nothing."""
 
-    A policy builds a distribution at every call with the same bounds (python floats, or an actor's buffers), so
-    they are converted once: per call that saves five small ops, and a captured CUDA graph reads constants. A
-    tensor bound is cached by identity and version (an in-place change, such as ``copy_``, makes a new entry).
+    low: torch.Tensor
+    high: torch.Tensor
+    mid: torch.Tensor
+    half: torch.Tensor
+    log_half: torch.Tensor
+
+    @classmethod
+    def of(cls, low: torch.Tensor, high: torch.Tensor) -> TanhBounds:
+        """From tensor bounds (of one dtype and device); not checked."""
+        mid, half = (high + low) / 2, (high - low) / 2
+        return cls(low, high, mid, half, half.log())
+
+
+def _bounds(low: float | torch.Tensor, high: float | torch.Tensor, like: torch.Tensor, *, check: bool) -> TanhBounds:
+    """``low`` and ``high`` as :class:`TanhBounds` of ``like``'s dtype and device.
+
     Host bounds (numbers, lists, arrays) are checked here, with numpy; tensor bounds only when ``check`` (a
     ``validate_args=True`` distribution), since reading a device tensor on the host is a sync.
     """
     tensors = [b for b in (low, high) if isinstance(b, torch.Tensor)]
-    numbers = all(isinstance(b, (int, float)) for b in (low, high))
-    cacheable = (len(tensors) == 2 or numbers) and not (
-        any(t.requires_grad or t.is_inference() for t in tensors) or torch.is_inference_mode_enabled()
-        or torch.compiler.is_compiling())  # an inference tensor cannot be saved for a backward later
-    key = (*((id(b), b._version) if isinstance(b, torch.Tensor) else b for b in (low, high)), like.dtype,
-           like.device) if cacheable else None
-    hit = _bounds_cache.get(key) if key is not None else None
-    if hit is not None and (numbers or (hit[0] is low and hit[1] is high)):
-        return hit[2]  # type: ignore[return-value]
     host = [np.asarray(b, dtype=np.float64) for b in (low, high) if not isinstance(b, torch.Tensor)]
     if not tensors and not (np.isfinite(host[0]).all() and np.isfinite(host[1]).all() and (host[0] < host[1]).all()):
         raise ValueError(f"TanhNormal: needs finite bounds with low < high, got low={low}, high={high}; "
                          f"for actions without bounds use IndependentNormal")
-    low_t = torch.as_tensor(low, dtype=like.dtype, device=like.device)
-    high_t = torch.as_tensor(high, dtype=like.dtype, device=like.device)
-    mid, half = (high_t + low_t) / 2, (high_t - low_t) / 2
-    if tensors and check and not bool((half > 0).all() & torch.isfinite(half).all()):
+    bounds = TanhBounds.of(torch.as_tensor(low, dtype=like.dtype, device=like.device),
+                           torch.as_tensor(high, dtype=like.dtype, device=like.device))
+    if tensors and check and not bool((bounds.half > 0).all() & torch.isfinite(bounds.half).all()):
         raise ValueError(f"TanhNormal: needs finite bounds with low < high, got low={low}, high={high}; "
                          f"for actions without bounds use IndependentNormal")
-    value = (low_t, high_t, mid, half, half.log())
-    if key is not None:
-        if len(_bounds_cache) >= _BOUNDS_CACHE_SIZE:
-            _bounds_cache.pop(next(iter(_bounds_cache)))
-        _bounds_cache[key] = (low, high, value)  # holding the bounds keeps their ids from being reused
-    return value
+    return bounds
 
 
 class TanhNormal(D.Distribution):
@@ -89,6 +87,8 @@ class TanhNormal(D.Distribution):
     ``low`` and ``high`` are scalars or tensors broadcasting to the event shape (finite, ``low < high``). Python
     numbers are checked always; tensors, and ``loc`` and ``scale``, only with ``validate_args=True``: the checks
     read tensors on the host, which a CUDA graph cannot do (``ProbabilisticActor`` checks its bounds once).
+    ``bounds``, a :class:`TanhBounds` computed once (what ``ProbabilisticActor`` passes), replaces ``low`` and
+    ``high``: the per-call conversions (five small ops) are then skipped.
 
     - ``rsample`` / ``sample``: ``mid + half * tanh(x)`` for ``x ~ Normal(loc, scale)``; within ``[low, high]``.
     - ``log_prob``: finite everywhere in ``[low, high]``, bounds included.
@@ -112,13 +112,17 @@ class TanhNormal(D.Distribution):
         low: float | torch.Tensor = -1.0,
         high: float | torch.Tensor = 1.0,
         *,
+        bounds: TanhBounds | None = None,
         event_dims: int = 1,
         validate_args: bool | None = None,
     ) -> None:
         if loc.shape != scale.shape:
             loc, scale = torch.broadcast_tensors(loc, scale)
         self.loc, self.scale = loc, scale
-        bounds = _bounds(low, high, loc, check=bool(validate_args))
+        if bounds is None:
+            bounds = _bounds(low, high, loc, check=bool(validate_args))
+        elif bounds.half.dtype != loc.dtype or bounds.half.device != loc.device:
+            bounds = TanhBounds(*(b.to(dtype=loc.dtype, device=loc.device) for b in bounds))
         self.low, self.high, self._mid, self._half, self._log_half = bounds
         self._event_dims = event_dims
         self._last_draw: tuple[torch.Tensor, torch.Tensor] | None = None  # (x, a) of the latest rsample

@@ -15,13 +15,18 @@
     explore = OrnsteinUhlenbeckModule(env.action_spec, theta=0.15, sigma=0.2)   # temporally correlated
     policy = TensorDictSequential(Actor(MLP(n_act), spec=env.action_spec), explore)
     pipeline.add_hook(EpsilonAnnealing(explore), group="collect")   # the same hook anneals sigma
+
+Each module reports its schedule as plain floats, ``scalars()`` (:class:`ReportsScalars`): ``{"epsilon": ...}``,
+``{"sigma": ...}``. The policy stage publishes them in an ``explore`` event at each chunk's start, and the
+``Logger`` hook writes them as ``explore/epsilon``, ``explore/sigma``: any module of a policy with a ``scalars()``
+method is logged the same way.
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from tensordict import TensorDictBase
@@ -32,6 +37,17 @@ from streamrl.errors import ConfigError, torchrl_names
 from streamrl.modules.actors import register_bounds
 
 _GREEDY = (InteractionType.DETERMINISTIC, InteractionType.MODE, InteractionType.MEAN)
+
+
+@runtime_checkable
+class ReportsScalars(Protocol):
+    """A module of a policy that reports figures to log (an exploration schedule's epsilon or noise scale).
+
+    ``scalars()`` returns plain floats by name (no tensors: the event that carries them may cross to another
+    process); the policy stage publishes them at each chunk's start (an ``explore`` event).
+    """
+
+    def scalars(self) -> dict[str, float]: ...
 
 
 class EGreedyModule(TensorDictModuleBase):
@@ -84,6 +100,10 @@ class EGreedyModule(TensorDictModuleBase):
     def eps(self) -> float:
         """The current epsilon (the probability of a random action)."""
         return self._eps
+
+    def scalars(self) -> dict[str, float]:
+        """``{"epsilon": eps}``: what the policy stage publishes for the Logger (``explore/epsilon``)."""
+        return {"epsilon": float(self._eps)}
 
     def step(self, frames: int = 1) -> None:
         """Advance the schedule by ``frames`` env frames."""
@@ -156,6 +176,10 @@ class _ActionNoise(TensorDictModuleBase, ABC):
     def sigma(self) -> float:
         """The current noise scale."""
         return self._sigma
+
+    def scalars(self) -> dict[str, float]:
+        """``{"sigma": sigma}``: what the policy stage publishes for the Logger (``explore/sigma``)."""
+        return {"sigma": float(self._sigma)}
 
     def step(self, frames: int = 1) -> None:
         """Advance the schedule by ``frames`` env frames."""

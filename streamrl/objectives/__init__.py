@@ -9,6 +9,7 @@
     from streamrl.objectives import GAE, ClipPPOLoss
     advantage = GAE(gamma=0.99, lmbda=0.95, value_network=critic)
     loss_fn = ClipPPOLoss(actor, critic)
+    loss_fn.make_value_estimator(ValueEstimators.GAE, gamma=0.99, lmbda=0.95)   # TorchRL's way: loss_fn.value_estimator
 
 The functional forms (``gae``, ``td0_return``, ``td1_return``, ``td_lambda_return``) take time-major tensors.
 Names are imported lazily (PEP 562): ``import streamrl.objectives`` does not load torch.
@@ -36,6 +37,7 @@ _EXPORTS: dict[str, str] = {
     "TD3Loss": "streamrl.objectives.actor_critic",
     "TDLambdaEstimator": "streamrl.objectives.value",
     "ValueEstimator": "streamrl.objectives.value",
+    "ValueEstimators": "streamrl.objectives.value",
     "ValueKeys": "streamrl.objectives.value",
     "gae": "streamrl.objectives.value",
     "td0_return": "streamrl.objectives.value",
@@ -57,6 +59,7 @@ if TYPE_CHECKING:
         TD1Estimator,
         TDLambdaEstimator,
         ValueEstimator,
+        ValueEstimators,
         ValueKeys,
         gae,
         td0_return,

@@ -6,7 +6,7 @@
     loss_fn = TD3Loss(actor, [critic1, critic2], gamma=0.99, action_spec=env.action_spec)
     loss_fn = SACLoss(prob_actor, [critic1, critic2], gamma=0.99)          # alpha tuned to entropy -action_dim
     optimizer = torch.optim.Adam(loss_fn.parameters(), lr=3e-4)            # ONE optimizer for every network
-    out = loss_fn(batch)        # loss_actor, loss_critic (SAC: loss_alpha), loss (their sum), diagnostics
+    out = loss_fn(batch)        # loss_actor, the critic term, SAC: loss_alpha; loss (their sum), diagnostics
     out["loss"].backward()
     optimizer.step()
     SoftUpdate(loss_fn, tau=0.005).step()                                  # target networks follow
@@ -19,6 +19,7 @@ TD3 and SAC take twin critics: a list of critics, or one ensemble module whose `
 ``[B, K]`` with ``K >= 2``. Build lazy networks (once through a batch) before the loss copies them into targets.
 TorchRL's ``actor_network=`` and ``value_network=`` (DDPG) or ``qvalue_network=`` (TD3, SAC) are accepted for
 ``actor`` and ``critic``; ``delay_actor``/``delay_value`` True changes nothing (targets are always kept).
+``loss_fn.make_value_estimator(ValueEstimators.TD0, gamma=0.99)`` sets ``gamma`` (TD0 is the one estimator).
 
 The batch holds ``observation``, ``action`` and under ``next``: ``observation``, ``reward`` ``[B, 1]``,
 ``terminated`` ``[B, 1]``. Targets are ``r + gamma^n * (1 - terminated) * V(s')``: terminated transitions do
@@ -29,7 +30,8 @@ Importance weights ``weight`` ``[B]`` (a ``PrioritizedSampler``'s) weight the cr
 **One optimizer, one backward.** The learner stage backpropagates ``out["loss"]`` through one optimizer, so
 every loss term has gradients for its own parameters only, and the sum behaves as separate updates:
 
-* ``loss_critic`` reaches the critics alone: targets are computed without gradients, from target networks.
+* The critic term (``loss_value`` in DDPG, ``loss_qvalue`` in TD3 and SAC, TorchRL's names) reaches the
+  critics alone: targets are computed without gradients, from target networks.
 * ``loss_actor`` reaches the actor alone: it evaluates the critics with *detached* copies of their parameters
   (``torch.func.functional_call``), so the gradient flows through the action into the actor and stops there.
 * ``loss_alpha`` (SAC) reaches ``log_alpha`` alone: it uses detached log-probabilities; the actor term uses a
@@ -62,6 +64,7 @@ from torch.func import functional_call
 
 from streamrl.envs.specs import Bounded
 from streamrl.errors import ConfigError, keeps_targets, torchrl_names
+from streamrl.objectives.value import ValueEstimators, one_step_gamma
 
 LossFunction = Literal["l2", "smooth_l1", "l1"]
 _ELEMENTWISE = {"l2": nn.functional.mse_loss, "smooth_l1": nn.functional.smooth_l1_loss, "l1": nn.functional.l1_loss}
@@ -103,6 +106,13 @@ class _ActorCriticLoss(nn.Module):
         self.loss_function = loss_function
         in_keys = {key for module in (actor, *critics) for key in module.in_keys}
         self.obs_keys = sorted(in_keys - {"action"}, key=str)
+
+    def make_value_estimator(self, value_type: ValueEstimators | str = ValueEstimators.TD0,
+                             **hyperparams: Any) -> _ActorCriticLoss:
+        """TorchRL's ``loss_fn.make_value_estimator(gamma=0.99)``: sets the discount of the one-step target (only
+        ``ValueEstimators.TD0`` applies; ``gamma`` defaults to the current one). Returns the loss."""
+        self.gamma = one_step_gamma(type(self).__name__, value_type, hyperparams, self.gamma)
+        return self
 
     def target_pairs(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
         """(online, target) parameter pairs (critics, then the actor where it has a target), for target updaters."""
@@ -161,7 +171,7 @@ class _ActorCriticLoss(nn.Module):
 class DDPGLoss(_ActorCriticLoss):
     """Deep deterministic policy gradient: a target actor and critic; see the module docstring.
 
-    ``loss_critic = mean(w * l(Q(s, a), r + gamma (1 - term) Q'(s', mu'(s'))))`` with ``l`` the
+    ``loss_value = mean(w * l(Q(s, a), r + gamma (1 - term) Q'(s', mu'(s'))))`` with ``l`` the
     ``loss_function`` (``"l2"``: squared error); ``loss_actor = -mean(Q(s, mu(s)))`` with the critic frozen.
     Diagnostics: ``q_value`` and ``target_value`` (batch means), ``td_error`` ``[B]``.
 
@@ -188,7 +198,7 @@ class DDPGLoss(_ActorCriticLoss):
         q = self._batch_q(batch, obs)
         loss_critic, td_error = self._critic_loss(batch, q, target)
         loss_actor = -self._q(self.critics, self.actor(obs.copy()), frozen=True).mean()
-        return TensorDict({"loss": loss_actor + loss_critic, "loss_actor": loss_actor, "loss_critic": loss_critic,
+        return TensorDict({"loss": loss_actor + loss_critic, "loss_actor": loss_actor, "loss_value": loss_critic,
                            "q_value": q.detach().mean(), "target_value": target.mean(), "td_error": td_error},
                           batch_size=[])
 
@@ -199,7 +209,7 @@ class TD3Loss(_ActorCriticLoss):
     The target action is ``clamp(mu'(s') + clamp(policy_noise * h * eps, -noise_clip * h, noise_clip * h), low,
     high)`` with ``eps ~ N(0, 1)`` and ``h = (high - low) / 2`` the action half-range of ``action_spec`` (so the
     defaults are the paper's ``0.2 * max_action`` and ``0.5 * max_action``). The target value is the minimum over
-    the target critics; ``loss_critic`` sums every critic's regression loss. Every ``policy_delay``-th call
+    the target critics; ``loss_qvalue`` sums every critic's regression loss. Every ``policy_delay``-th call
     computes ``loss_actor = -mean(Q_1(s, mu(s)))`` (first critic, frozen); other calls give a constant zero and
     leave the actor's gradients ``None``. The call count is saved in ``state_dict()``. Target networks follow
     whatever updater steps them: ``LearnerStage(target_update=SoftUpdate(...))`` steps after every update, where
@@ -248,7 +258,7 @@ class TD3Loss(_ActorCriticLoss):
             loss_actor = -self._q(self.critics, self.actor(obs.copy()), frozen=True)[:, 0].mean()
         else:
             loss_actor = torch.zeros((), device=q.device)
-        return TensorDict({"loss": loss_actor + loss_critic, "loss_actor": loss_actor, "loss_critic": loss_critic,
+        return TensorDict({"loss": loss_actor + loss_critic, "loss_actor": loss_actor, "loss_qvalue": loss_critic,
                            "q_value": q.detach().mean(), "target_value": target.mean(), "td_error": td_error},
                           batch_size=[])
 
@@ -282,7 +292,7 @@ class SACLoss(_ActorCriticLoss):
     """Soft actor-critic with twin critics and automatic entropy tuning; see the module docstring.
 
     With ``a' ~ pi(s')`` and ``log p'`` its log-probability: ``target = r + gamma (1 - term) (min_k Q'_k(s', a')
-    - alpha log p')``; ``loss_critic = sum_k mean(w * l(Q_k(s, a), target))``. With ``a~ ~ pi(s)`` (reparameterized):
+    - alpha log p')``; ``loss_qvalue = sum_k mean(w * l(Q_k(s, a), target))``. With ``a~ ~ pi(s)`` (reparameterized):
     ``loss_actor = mean(alpha log p~ - min_k Q_k(s, a~))`` (critics frozen, alpha detached) and ``loss_alpha =
     -mean(log_alpha * (log p~ + target_entropy))`` (log-prob detached), which raises alpha while the policy's
     entropy is below ``target_entropy`` (``"auto"``: ``-action_dim``, read from the batch's actions).
@@ -339,6 +349,6 @@ class SACLoss(_ActorCriticLoss):
                 target_entropy = -float(action_taken[(0,) * batch.batch_dims].numel())
             loss_alpha = -(self.log_alpha * (log_prob.detach() + target_entropy)).mean()
         return TensorDict({"loss": loss_actor + loss_critic + loss_alpha, "loss_actor": loss_actor,
-                           "loss_critic": loss_critic, "loss_alpha": loss_alpha, "q_value": q.detach().mean(),
+                           "loss_qvalue": loss_critic, "loss_alpha": loss_alpha, "q_value": q.detach().mean(),
                            "target_value": target.mean(), "td_error": td_error, "alpha": alpha,
                            "entropy": -log_prob.detach().mean()}, batch_size=[])

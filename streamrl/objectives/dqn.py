@@ -6,6 +6,7 @@
     out = loss_fn(batch)            # TensorDict: loss, td_error [B], q_value (mean), target_value (mean)
     out["loss"].backward()
     SoftUpdate(loss_fn, tau=0.01).step()    # or HardUpdate(loss_fn, every=500)
+    loss_fn.make_value_estimator(ValueEstimators.TD0, gamma=0.9)   # TorchRL's way to set gamma
 
 The batch holds ``observation``, ``action`` (index or one-hot), and under ``next``: ``observation``, ``reward`` [B, 1],
 ``terminated`` [B, 1]. The TD target is ``r + gamma^n * (1 - terminated) * Q_target(s', a*)`` where ``a*`` is the
@@ -17,7 +18,7 @@ A batch with importance weights ``weight`` [B] (a ``PrioritizedSampler``'s) give
 from __future__ import annotations
 
 import copy
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from tensordict import TensorDict, TensorDictBase
@@ -25,6 +26,7 @@ from torch import nn
 
 from streamrl.errors import ConfigError, keeps_targets, torchrl_names
 from streamrl.modules.actors import QValueActor
+from streamrl.objectives.value import ValueEstimators, one_step_gamma
 
 
 class DQNLoss(nn.Module):
@@ -57,6 +59,13 @@ class DQNLoss(nn.Module):
         self.double_dqn = double_dqn
         self.loss_type = loss
         self.in_key = in_key
+
+    def make_value_estimator(self, value_type: ValueEstimators | str = ValueEstimators.TD0,
+                             **hyperparams: Any) -> DQNLoss:
+        """TorchRL's ``loss_fn.make_value_estimator(gamma=0.99)``: sets the discount of the one-step target (only
+        ``ValueEstimators.TD0`` applies; ``gamma`` defaults to the current one). Returns the loss."""
+        self.gamma = one_step_gamma("DQNLoss", value_type, hyperparams, self.gamma)
+        return self
 
     def target_pairs(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
         """(online, target) parameter pairs, for target updaters."""

@@ -28,6 +28,8 @@ one-sample estimate ``-log_prob(rsample())`` for distributions without one (a ta
 From TorchRL: ``actor_network=``/``critic_network=`` are accepted for ``actor``/``critic``, ``*_key`` keywords
 (``advantage_key="adv"``, ``value_target_key=...``) and ``loss.set_keys(advantage="adv")`` for the fields of
 :class:`LossKeys`; ``gamma=`` is refused (the value estimator takes it).
+``loss.make_value_estimator(ValueEstimators.GAE, gamma=0.99, lmbda=0.95)`` builds that estimator over the loss's
+critic as ``loss.value_estimator``, which you run on each chunk before the loss.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from torch import nn
 from torch.distributions import Distribution
 
 from streamrl.errors import ConfigError, torchrl_names
+from streamrl.objectives.value import ValueEstimator, ValueEstimators, ValueKeys, make_estimator
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,23 @@ class _PolicyGradientLoss(nn.Module):
         self.loss_critic_type = loss_critic_type
         self.normalize_advantage = normalize_advantage
         self.keys = keys
+        self.value_estimator: ValueEstimator | None = None
+
+    def make_value_estimator(self, value_type: ValueEstimators | str = ValueEstimators.GAE,
+                             **hyperparams: Any) -> _PolicyGradientLoss:
+        """TorchRL's ``loss_fn.make_value_estimator(ValueEstimators.GAE, gamma=0.99, lmbda=0.95)``: builds the
+        keyed estimator over this loss's critic, writing the keys the loss reads, as ``loss_fn.value_estimator``.
+
+        Any of ``ValueEstimators`` (``TD0``, ``TD1``, ``TDLambda``, ``GAE``); hyperparameters ``gamma`` (0.99),
+        ``lmbda`` (0.95; TDLambda, GAE) and ``average_gae`` (GAE). The loss does not run it: estimates need whole
+        chunks in time order, minibatches are shuffled rows, so run it on each chunk first
+        (``chunk = loss_fn.value_estimator(chunk)``; in a pipeline, ``AdvantageStage("gae", loss_fn.value_estimator)``).
+        Returns the loss.
+        """
+        keys = ValueKeys(value=self.keys.value, advantage=self.keys.advantage, value_target=self.keys.value_target)
+        self.value_estimator = make_estimator(type(self).__name__, value_type, hyperparams,
+                                              value_network=self.critic, keys=keys)
+        return self
 
     def set_keys(self, **keys: NestedKey) -> _PolicyGradientLoss:
         """Rename the keys the loss reads (TorchRL's ``loss.set_keys(advantage="adv")``): fields of
@@ -165,7 +185,8 @@ class _PolicyGradientLoss(nn.Module):
         advantage = batch.get(keys.advantage, None)
         if advantage is None:
             raise KeyError(f"{type(self).__name__}: the batch has no {keys.advantage!r} (the advantage): run a value "
-                           f"estimator such as GAE on the chunk first, or name the key it writes with "
+                           f"estimator such as GAE (or loss_fn.value_estimator, after make_value_estimator) on the "
+                           f"chunk first, or name the key it writes with "
                            f"keys=LossKeys(advantage=...) (TorchRL's advantage_key=)")
         advantage = advantage.reshape(batch.batch_size)
         if self.normalize_advantage and advantage.numel() > 1:

@@ -8,7 +8,8 @@ The functions take tensors whose **last dim is time**, ``[..., T]``, all of one 
     advantage, target = gae(0.99, 0.95, value, next_value, reward, terminated, done)
 
 Chunk entries are ``[num_envs, T, 1]``: pass ``x.squeeze(-1)``; a last dim of 1 (TorchRL's ``[..., T, 1]``) is
-refused with a ``ConfigError``, as it would read as ``T = 1`` (one-step estimates). The modules squeeze for you;
+refused with a ``ConfigError``, as it would read as ``T = 1`` (one-step estimates; ``single_step=True`` says that
+is meant). The modules squeeze for you;
 they read a TensorDict with batch dims ``[..., T]`` (a chunk ``[num_envs, T]``), evaluate ``value_network`` (a
 keyed module writing ``"state_value"`` ``[..., 1]``) on the root and on ``"next"`` without gradients, and write
 ``"state_value"``, ``"advantage"`` and ``"value_target"`` (``[..., T, 1]``)::
@@ -38,6 +39,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from enum import Enum
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -49,17 +52,19 @@ from torch import nn
 from streamrl.errors import ConfigError
 
 
-def _check(**tensors: torch.Tensor) -> None:
+def _check(single_step: bool, **tensors: torch.Tensor) -> None:
+    """One shape ``[..., T]`` for every tensor; a last dim of 1 is refused unless ``single_step`` says it is T=1."""
     shapes = {name: tuple(t.shape) for name, t in tensors.items()}
     if len(set(shapes.values())) != 1 or min(len(s) for s in shapes.values()) < 1:
         raise ValueError(f"value estimators take tensors of one shape [..., T], time last; got {shapes}. "
                          f"Chunk entries [..., T, 1] need .squeeze(-1).")
     shape = next(iter(shapes.values()))
-    if len(shape) >= 2 and shape[-1] == 1:
+    if not single_step and len(shape) >= 2 and shape[-1] == 1:
         raise ConfigError(f"value estimators take tensors [..., T], time last; got shape {shape}, whose last dim "
                           f"of 1 would be read as T=1 (one-step estimates, no recursion over time): TorchRL's "
                           f"[..., T, 1]? squeeze the last dim: ours take [..., T] (x.squeeze(-1)). For chunks of "
-                          f"one step (T=1), use a keyed estimator (GAE(...)(chunk)), which reads both shapes")
+                          f"one step (T=1), pass single_step=True, or use a keyed estimator (GAE(...)(chunk)), "
+                          f"which reads both shapes")
 
 
 def _ends(terminated: torch.Tensor, done: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,44 +94,33 @@ def _reverse_scan(a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return a
 
 
-def td0_return(gamma: float, reward: torch.Tensor, next_value: torch.Tensor,
-               terminated: torch.Tensor) -> torch.Tensor:
-    """One-step target ``r_t + gamma * V'_t``, with ``V'_t = 0`` where ``terminated``. Shapes ``[..., T]``."""
-    _check(reward=reward, next_value=next_value, terminated=terminated)
-    return _td0(gamma, reward, next_value, terminated)
+def td0_return(gamma: float, reward: torch.Tensor, next_value: torch.Tensor, terminated: torch.Tensor, *,
+               single_step: bool = False) -> torch.Tensor:
+    """One-step target ``r_t + gamma * V'_t``, with ``V'_t = 0`` where ``terminated``. Shapes ``[..., T]``.
 
-
-def _td0(gamma: float, reward: torch.Tensor, next_value: torch.Tensor, terminated: torch.Tensor) -> torch.Tensor:
+    ``single_step=True``: a last dim of 1 is T=1, not refused as TorchRL's ``[..., T, 1]`` (so for every function).
+    """
+    _check(single_step, reward=reward, next_value=next_value, terminated=terminated)
     return reward + gamma * next_value.masked_fill(terminated.bool(), 0.0)
 
 
 def td1_return(gamma: float, reward: torch.Tensor, next_value: torch.Tensor, terminated: torch.Tensor,
-               done: torch.Tensor) -> torch.Tensor:
+               done: torch.Tensor, *, single_step: bool = False) -> torch.Tensor:
     """Discounted sum of rewards to the episode's end, bootstrapped from ``V'`` at truncations and the chunk end.
 
     ``G_t = r_t + gamma * G_{t+1}`` inside an episode; ``r_t + gamma * V'_t`` where it stops (0 if terminated).
     """
-    _check(reward=reward, next_value=next_value, terminated=terminated, done=done)
-    return _td1(gamma, reward, next_value, terminated, done)
-
-
-def _td1(gamma: float, reward: torch.Tensor, next_value: torch.Tensor, terminated: torch.Tensor,
-         done: torch.Tensor) -> torch.Tensor:
+    _check(single_step, reward=reward, next_value=next_value, terminated=terminated, done=done)
     terminated, stop = _ends(terminated, done)
     bootstrap = next_value.masked_fill(~stop | terminated, 0.0)
     return _reverse_scan(reward + gamma * bootstrap, gamma * (~stop).to(reward.dtype))
 
 
 def td_lambda_return(gamma: float, lmbda: float, reward: torch.Tensor, next_value: torch.Tensor,
-                     terminated: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+                     terminated: torch.Tensor, done: torch.Tensor, *, single_step: bool = False) -> torch.Tensor:
     """``G_t = r_t + gamma * ((1 - lmbda) * V'_t + lmbda * G_{t+1})`` inside an episode, ``r_t + gamma * V'_t``
     where it stops (0 if terminated). ``lmbda=0`` gives :func:`td0_return`, ``lmbda=1`` :func:`td1_return`."""
-    _check(reward=reward, next_value=next_value, terminated=terminated, done=done)
-    return _td_lambda(gamma, lmbda, reward, next_value, terminated, done)
-
-
-def _td_lambda(gamma: float, lmbda: float, reward: torch.Tensor, next_value: torch.Tensor,
-               terminated: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+    _check(single_step, reward=reward, next_value=next_value, terminated=terminated, done=done)
     terminated, stop = _ends(terminated, done)
     weight = torch.where(stop, 1.0, 1.0 - lmbda).to(reward.dtype)
     bootstrap = next_value.masked_fill(terminated, 0.0) * weight
@@ -134,18 +128,14 @@ def _td_lambda(gamma: float, lmbda: float, reward: torch.Tensor, next_value: tor
 
 
 def gae(gamma: float, lmbda: float, value: torch.Tensor, next_value: torch.Tensor, reward: torch.Tensor,
-        terminated: torch.Tensor, done: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        terminated: torch.Tensor, done: torch.Tensor, *,
+        single_step: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalized advantage estimation: ``(advantage, value_target = advantage + value)``.
 
     ``delta_t = r_t + gamma * V'_t - V_t`` (``V'_t = 0`` if terminated) and
     ``A_t = delta_t + gamma * lmbda * A_{t+1}`` inside an episode, ``A_t = delta_t`` where it stops.
     """
-    _check(value=value, next_value=next_value, reward=reward, terminated=terminated, done=done)
-    return _gae(gamma, lmbda, value, next_value, reward, terminated, done)
-
-
-def _gae(gamma: float, lmbda: float, value: torch.Tensor, next_value: torch.Tensor, reward: torch.Tensor,
-         terminated: torch.Tensor, done: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    _check(single_step, value=value, next_value=next_value, reward=reward, terminated=terminated, done=done)
     terminated, stop = _ends(terminated, done)
     delta = reward + gamma * next_value.masked_fill(terminated, 0.0) - value
     advantage = _reverse_scan(delta, gamma * lmbda * (~stop).to(reward.dtype))
@@ -231,7 +221,7 @@ class TD0Estimator(ValueEstimator):
 
     def estimate(self, value: torch.Tensor, next_value: torch.Tensor, reward: torch.Tensor,
                  terminated: torch.Tensor, done: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        target = _td0(self.gamma, reward, next_value, terminated)  # shapes checked by forward: no T=1 refusal
+        target = td0_return(self.gamma, reward, next_value, terminated, single_step=True)  # forward squeezed
         return target - value, target
 
 
@@ -240,7 +230,7 @@ class TD1Estimator(ValueEstimator):
 
     def estimate(self, value: torch.Tensor, next_value: torch.Tensor, reward: torch.Tensor,
                  terminated: torch.Tensor, done: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        target = _td1(self.gamma, reward, next_value, terminated, done)
+        target = td1_return(self.gamma, reward, next_value, terminated, done, single_step=True)
         return target - value, target
 
 
@@ -254,7 +244,7 @@ class TDLambdaEstimator(ValueEstimator):
 
     def estimate(self, value: torch.Tensor, next_value: torch.Tensor, reward: torch.Tensor,
                  terminated: torch.Tensor, done: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        target = _td_lambda(self.gamma, self.lmbda, reward, next_value, terminated, done)
+        target = td_lambda_return(self.gamma, self.lmbda, reward, next_value, terminated, done, single_step=True)
         return target - value, target
 
 
@@ -269,7 +259,7 @@ class GAE(ValueEstimator):
 
     def estimate(self, value: torch.Tensor, next_value: torch.Tensor, reward: torch.Tensor,
                  terminated: torch.Tensor, done: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return _gae(self.gamma, self.lmbda, value, next_value, reward, terminated, done)
+        return gae(self.gamma, self.lmbda, value, next_value, reward, terminated, done, single_step=True)
 
     def forward(self, td: TensorDictBase) -> TensorDictBase:
         td = super().forward(td)
@@ -280,6 +270,71 @@ class GAE(ValueEstimator):
             spread = rows.std() if rows.numel() > 1 else torch.ones((), dtype=rows.dtype, device=rows.device)
             td.set(self.keys.advantage, (advantage - rows.mean()) / (spread + 1e-8))
         return td
+
+
+class ValueEstimators(Enum):
+    """TorchRL's names of the value estimators, for ``loss_fn.make_value_estimator(ValueEstimators.GAE, ...)``.
+
+    The policy-gradient losses take any of them (the keyed estimator over the loss's critic); the losses that
+    bootstrap from target networks (DQN, DDPG, TD3, SAC) take ``TD0`` (their one-step target) and its ``gamma``.
+    """
+
+    TD0 = "td0"
+    TD1 = "td1"
+    TDLambda = "td_lambda"
+    GAE = "gae"
+
+
+def _value_type(owner: str, value_type: ValueEstimators | str) -> ValueEstimators:
+    """``value_type`` as a member: a member, or its name or value (``"GAE"``, ``"gae"``)."""
+    if isinstance(value_type, ValueEstimators):
+        return value_type
+    for member in ValueEstimators:
+        if value_type in (member.name, member.value):
+            return member
+    raise ValueError(f"{owner}.make_value_estimator: unknown value type {value_type!r}; pass one of "
+                     f"{[f'ValueEstimators.{m.name}' for m in ValueEstimators]}")
+
+
+def _hyperparameters(owner: str, kind: ValueEstimators, given: dict[str, Any],
+                     accepted: dict[str, Any]) -> dict[str, Any]:
+    """``accepted`` (the defaults) updated with ``given``; a name ``accepted`` lacks is a ``TypeError``."""
+    unknown = sorted(set(given) - set(accepted))
+    if unknown:
+        raise TypeError(f"{owner}.make_value_estimator: ValueEstimators.{kind.name} takes {sorted(accepted)}, got "
+                        f"{unknown}")
+    return {**accepted, **given}
+
+
+def one_step_gamma(owner: str, value_type: ValueEstimators | str, hyperparams: dict[str, Any],
+                   gamma: float) -> float:
+    """The discount a bootstrapping loss (DQN, DDPG, TD3, SAC) takes from ``make_value_estimator``: TD0 only."""
+    kind = _value_type(owner, value_type)
+    if kind is not ValueEstimators.TD0:
+        raise ValueError(f"{owner}.make_value_estimator takes ValueEstimators.TD0 only (its target is the one-step "
+                         f"r + gamma * Q'(s'), on replayed transitions), got ValueEstimators.{kind.name}; for n-step "
+                         f"returns add MultiStep(gamma, n) to the replay writer")
+    gamma = _hyperparameters(owner, kind, hyperparams, {"gamma": gamma})["gamma"]
+    if not 0.0 <= gamma <= 1.0:
+        raise ConfigError(f"{owner}: gamma must be in [0, 1], got {gamma}")
+    return float(gamma)
+
+
+def make_estimator(owner: str, value_type: ValueEstimators | str, hyperparams: dict[str, Any], *,
+                   value_network: TensorDictModuleBase | None, keys: ValueKeys) -> ValueEstimator:
+    """The keyed estimator ``value_type`` over ``value_network``, with TorchRL's defaults (``gamma=0.99``,
+    ``lmbda=0.95``) for what ``hyperparams`` leaves out."""
+    kind = _value_type(owner, value_type)
+    common: dict[str, Any] = {"value_network": value_network, "keys": keys}
+    if kind is ValueEstimators.TD0:
+        return TD0Estimator(**_hyperparameters(owner, kind, hyperparams, {"gamma": 0.99}), **common)
+    if kind is ValueEstimators.TD1:
+        return TD1Estimator(**_hyperparameters(owner, kind, hyperparams, {"gamma": 0.99}), **common)
+    if kind is ValueEstimators.TDLambda:
+        return TDLambdaEstimator(**_hyperparameters(owner, kind, hyperparams, {"gamma": 0.99, "lmbda": 0.95}),
+                                 **common)
+    return GAE(**_hyperparameters(owner, kind, hyperparams, {"gamma": 0.99, "lmbda": 0.95, "average_gae": False}),
+               **common)
 
 
 def _check_lambda(estimator: nn.Module, lmbda: float) -> float:

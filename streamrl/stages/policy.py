@@ -29,6 +29,11 @@ collect, ...); ``1`` collects the next chunk while the learner trains on the las
 The stage acts with its *own copy* of the policy's parameters (gradients off), even in the learner's process: the
 learner's updates reach it only as published, versioned weights. Modules without parameters (exploration
 schedules such as ``EGreedyModule``) are not copied, so hooks that drive them keep working.
+
+At each chunk's first step the stage publishes an ``explore`` event with the ``scalars()`` of the policy's modules
+that report some (:class:`~streamrl.modules.exploration.ReportsScalars`: ``epsilon``, ``sigma``), as plain floats,
+so that the ``Logger`` sees them wherever the policy runs; only when the policy has such a module and some hook
+listens.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from tensordict.nn import TensorDictModuleBase
 from streamrl.errors import BrokenStreamError, ConfigError, EndOfStream
 from streamrl.exchange import Server
 from streamrl.modules.actors import QValueActor
+from streamrl.modules.exploration import ReportsScalars
 from streamrl.stages.base import Stage, StageContext
 from streamrl.streams import ReceiveStream
 
@@ -131,6 +137,8 @@ class PolicyStage(Stage):
         self._fast: Callable[[torch.Tensor], torch.Tensor] | None = None  # action_function(acting), on CPU
         self._fast_td: TensorDictBase | None = None  # the td whose observation is cached (per chunk)
         self._fast_observation: torch.Tensor | None = None
+        self._ctx: StageContext | None = None  # set by run(): where the explore event is published
+        self._reporters: list[ReportsScalars] = []  # the acting policy's modules with scalars()
 
     def acts_with(self) -> torch.nn.Module:
         return self.policy
@@ -155,6 +163,8 @@ class PolicyStage(Stage):
         self._fast = action_function(self.acting) if self.device.type == "cpu" else None
         self._weights = ctx.input("weights") if ctx.has_input("weights") else None
         self._first_version, self._chunks = self.version, 0  # the max_policy_lag rule counts from here
+        self._ctx = ctx
+        self._reporters = [m for m in self.acting.modules() if isinstance(m, ReportsScalars)]
         self._server = ctx.server("requests")
         await self._server.serve(self.answer, stage=ctx.name)  # until every env stage is done asking
 
@@ -170,6 +180,24 @@ class PolicyStage(Stage):
                 if self.max_policy_lag is not None and self.version < self._needed_version():
                     return self._answer_after_weights(request)
             self._chunks += 1
+            if self._announces():
+                return self._announce_and_act(request)
+        return self._act(request)
+
+    def _announces(self) -> bool:
+        """Whether chunk starts publish an ``explore`` event: a module reports scalars and a hook listens."""
+        return bool(self._reporters) and self._ctx is not None and self._ctx.wants("explore")
+
+    async def _announce(self) -> None:
+        """Publish the ``explore`` event: the reporting modules' scalars (plain floats)."""
+        assert self._ctx is not None
+        scalars: dict[str, float] = {}
+        for module in self._reporters:
+            scalars.update(module.scalars())
+        await self._ctx.publish("explore", **scalars)
+
+    async def _announce_and_act(self, request: PolicyRequest) -> PolicyAnswer:
+        await self._announce()
         return self._act(request)
 
     def _needed_version(self) -> int:
@@ -189,6 +217,8 @@ class PolicyStage(Stage):
                 raise BrokenStreamError(f"policy stage {self.name!r}: the learner's weights ended while the next "
                                         f"chunk waited for version {self._needed_version()}") from None
         self._chunks += 1
+        if self._announces():
+            await self._announce()
         return self._act(request)
 
     def _act(self, request: PolicyRequest) -> PolicyAnswer:
