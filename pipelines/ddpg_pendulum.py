@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from tensordict.nn import TensorDictSequential
@@ -65,8 +66,9 @@ class Config:
     their budget together."""
     frames_per_chunk: int = 64
     """Frames per chunk sent from the env stage to the replay writer; the policy takes new weights between chunks."""
-    placement: str = "worker_process"
-    """Where the env + policy group runs: worker_process (own core) or in_process."""
+    placement: Literal["worker_process", "in_process", "ray_actor"] = "worker_process"
+    """Where the env + policy group runs: worker_process (own core), in_process, or ray_actor (Ray actors, on this
+    machine or a Ray cluster: --ray-address)."""
     buffer_size: int = 100_000
     """Replay capacity in transitions (RAM)."""
     batch_size: int = 256
@@ -149,7 +151,7 @@ def build_with_loss(cfg: Config, name: str, make_loss: Callable[..., DDPGLoss | 
     p = Pipeline(name, config=cfg)
     collector = p.add_collector("collect", env, collect_policy, frames_per_chunk=cfg.frames_per_chunk,
                                 total_frames=cfg.total_frames, weights_module=actor, replicas=cfg.replicas,
-                                placement=cfg.placement)  # type: ignore[arg-type]
+                                placement=cfg.placement)
     p.add(WriterStage("writer", replay), SamplerStage("sampler", replay, pin_memory=True), learner)
     p.connect(collector.chunks, "writer.chunks", capacity=1)
     p.connect("sampler.batches", "learner.batches", capacity=4)

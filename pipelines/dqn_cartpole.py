@@ -15,6 +15,7 @@ stops when the greedy policy averages >= 475 over 20 evaluation episodes, or aft
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from tensordict.nn import TensorDictSequential
@@ -63,8 +64,9 @@ class Config:
     their budget together."""
     frames_per_chunk: int = 64
     """Frames per chunk sent from the env stage to the replay writer; the policy takes new weights between chunks."""
-    placement: str = "worker_process"
-    """Where the env + policy group runs: worker_process (own core) or in_process."""
+    placement: Literal["worker_process", "in_process", "ray_actor"] = "worker_process"
+    """Where the env + policy group runs: worker_process (own core), in_process, or ray_actor (Ray actors, on this
+    machine or a Ray cluster: --ray-address)."""
     buffer_size: int = 100_000
     """Replay capacity in transitions (a zarr store in the run directory)."""
     batch_size: int = 128
@@ -141,7 +143,7 @@ def build(cfg: Config) -> Pipeline:
     p = Pipeline("dqn_cartpole", config=cfg)
     collector = p.add_collector("collect", env, collect_policy, frames_per_chunk=cfg.frames_per_chunk,
                                 total_frames=cfg.total_frames, weights_module=actor, replicas=cfg.replicas,
-                                placement=cfg.placement)  # type: ignore[arg-type]
+                                placement=cfg.placement)
     p.add(WriterStage("writer", replay), SamplerStage("sampler", replay, pin_memory=True), learner)
     p.connect(collector.chunks, "writer.chunks", capacity=1)
     p.connect("sampler.batches", "learner.batches", capacity=4)

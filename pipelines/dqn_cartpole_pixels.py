@@ -27,6 +27,7 @@ On a 2-core CPU it runs at ~170 frames/s (rendering is the bottleneck; an update
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from tensordict.nn import TensorDictSequential
@@ -84,6 +85,9 @@ class Config:
     replicas: int = 1
     """Copies of the collector group, each in its own worker process (own env seeds and traj_ids); total_frames is
     their budget together."""
+    placement: Literal["worker_process", "in_process", "ray_actor"] = "worker_process"
+    """Where the env + policy group runs: worker_process (own core), in_process, or ray_actor (Ray actors, on this
+    machine or a Ray cluster: --ray-address)."""
     frames_per_chunk: int = 64
     """Frames per chunk; the policy takes new weights between chunks."""
     image_size: int = 64
@@ -191,7 +195,7 @@ def build(cfg: Config) -> Pipeline:
     p = Pipeline("dqn_cartpole_pixels", config=cfg)
     collector = p.add_collector("collect", env, collect_policy, frames_per_chunk=cfg.frames_per_chunk,
                                 total_frames=cfg.total_frames, weights_module=actor, replicas=cfg.replicas,
-                                placement="worker_process")
+                                placement=cfg.placement)
     # rewards are scaled on the way to replay, so episode returns in the metrics stay in env units, like the evals
     postproc = Compose(RewardScaling(loc=0.0, scale=cfg.reward_scale), MultiStep(cfg.gamma, cfg.n_steps))
     p.add(TransformStage("nstep", postproc), WriterStage("writer", replay),

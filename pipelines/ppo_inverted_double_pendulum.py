@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from tensordict.nn import NormalParamExtractor, TensorDictModule
@@ -59,6 +60,9 @@ class Config:
     replicas: int = 1
     """Copies of the collector group, each in its own worker process (own env seeds and traj_ids); each collects
     frames_per_chunk / replicas frames per update, so that a learner batch stays frames_per_chunk frames."""
+    placement: Literal["worker_process", "in_process", "ray_actor"] = "worker_process"
+    """Where the env + policy group runs: worker_process (own core), in_process, or ray_actor (Ray actors, on this
+    machine or a Ray cluster: --ray-address)."""
     frames_per_chunk: int = 1_000
     """Frames per chunk = per learner batch (num_envs x 250 steps)."""
     init_stats_steps: int = 1_000
@@ -128,7 +132,7 @@ def build(cfg: Config) -> Pipeline:
 
     p = Pipeline("ppo_inverted_double_pendulum", config=cfg)
     collector = p.add_collector("collect", env, actor, frames_per_chunk=cfg.frames_per_chunk, rounds=True,
-                                total_frames=cfg.total_frames, replicas=cfg.replicas,
+                                total_frames=cfg.total_frames, replicas=cfg.replicas, placement=cfg.placement,
                                 max_policy_lag=cfg.max_policy_lag, record=("action", "sample_log_prob"))
     p.add(AdvantageStage("gae", GAE(gamma=cfg.gamma, lmbda=cfg.lmbda, value_network=critic, average_gae=True)),
           learner)

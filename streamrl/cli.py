@@ -10,6 +10,7 @@ A pipeline file defines a config dataclass and ``build(cfg) -> Pipeline``::
     streamrl store inspect runs/dqn_cartpole/replay.zarr      # a replay store: also check, sample, export, import, plot
     streamrl run pipelines/dqn_cartpole.py --resume runs/dqn_cartpole/20261122-101500-seed0   # after a crash
     streamrl run pipelines/dqn_cartpole.py --out runs/x --overwrite   # start runs/x afresh: its old run is removed
+    streamrl run pipelines/dqn_cartpole.py --set placement=ray_actor --set replicas=8 --ray-address HOST:6379
 
 A run directory has one owner: ``streamrl run`` locks it (``<run dir>/.lock``, which holds the pid; the kernel
 releases the lock when the process ends, ``kill -9`` included) for the whole run, and a second run on the same
@@ -174,7 +175,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             result = runtime.run(pipeline, run_dir, seed=cfg.seed, device=cfg.device,
                                  preload=[(module_name, str(path.resolve()))], resume=checkpoint,
                                  exit_after_second_signal=runtime.EXIT_AFTER_SECOND_SIGNAL_S,
-                                 deterministic=args.deterministic)
+                                 deterministic=args.deterministic, ray_address=args.ray_address)
         except StreamRLError as exc:
             _report(exc, args.debug)
             if (run_dir / "summary.json").exists():
@@ -425,6 +426,9 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument("--help-config", action="store_true", help="list the config fields and exit")
     run.add_argument("--deterministic", action="store_true",
                      help="one process, a fixed schedule, fixed seeds: two runs write the same metrics.csv (CPU)")
+    run.add_argument("--ray-address", metavar="ADDR",
+                     help="the Ray cluster that placement=ray_actor groups join (default: RAY_ADDRESS, else a local "
+                          "Ray instance started for the run)")
     run.set_defaults(func=cmd_run)
     graph = sub.add_parser("graph", help="print a pipeline's stages, streams and hooks")
     graph.add_argument("target")

@@ -16,6 +16,7 @@
      ├── NonFiniteError           a loss, a gradient or a checkpointed tensor went NaN or infinite
      ├── StageFailed              a stage raised while the pipeline ran; ``.stage`` names it
      ├── WorkerDied               a worker process ended without saying why: its group, pid and signal
+     │    └── ReplicaLost         a Ray replica's actor died past its max_restarts: the replica and its node
      ├── RemoteError              an exception re-raised from a worker process (its traceback as text)
      ├── EnvError                 an environment misbehaved (wrong shapes, a worker crashed)
      │    ├── EnvWorkerDied       a subprocess env worker died or was shut down; ``.workers`` names them
@@ -132,6 +133,27 @@ class WorkerDied(StreamRLError):
         if exitcode is not None and exitcode < 0:
             how += f" (exit code {exitcode})"
         super().__init__(f"worker process of stage group {group!r} (pid {pid}) died: {how}; {advice}")
+
+
+class ReplicaLost(WorkerDied):
+    """The Ray actor of a replica died (its node was removed, its process killed) once more than its group's
+    ``max_restarts`` allow. ``.group`` names the replica (``collect[1]``), ``.node`` the node it ran on (its IP),
+    ``.cause`` what Ray said."""
+
+    def __init__(self, replica: str, node: str | None, node_id: str | None, restarts: int, max_restarts: int,
+                 cause: str) -> None:
+        self.group = replica
+        self.exitcode = None
+        self.pid = None
+        self.node = node
+        self.node_id = node_id
+        self.cause = cause
+        where = f"node {node} ({(node_id or '?')[:12]})" if node else "no node yet"
+        StreamRLError.__init__(
+            self, f"replica {replica} (a Ray actor on {where}) died after {restarts} restart(s) of max_restarts="
+                  f"{max_restarts}: {cause.strip().splitlines()[0] if cause.strip() else cause}; raise the group's "
+                  "max_restarts to ride out more deaths, or see why its actors die (`ray status`, the node's logs)")
+
 
 
 def exit_status(exitcode: int) -> str:

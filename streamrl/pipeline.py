@@ -19,12 +19,14 @@ edge per asker: they join exchange ports, in one process. A cycle of stages need
 stage in it or an edge into it from outside; one with neither never starts, and ``validate`` refuses it, as it
 refuses a cycle of capacity-0 edges (a deadlock).
 
-Stages are grouped; a group's placement says where its stages run: ``"in_process"`` (the main event loop) or
-``"worker_process"`` (a child process exchanging chunks and weights through shared memory).
+Stages are grouped; a group's placement says where its stages run: ``"in_process"`` (the main event loop),
+``"worker_process"`` (a child process exchanging chunks and weights through shared memory) or ``"ray_actor"`` (a
+Ray actor anywhere in a Ray cluster, exchanging them through Ray's object store; :mod:`streamrl.execution.ray_actor`).
 """
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -33,9 +35,20 @@ from streamrl.events import FunctionHook, Hook
 from streamrl.graph_checks import check_links, shared_links
 from streamrl.stages.base import Stage
 
-Placement = Literal["in_process", "worker_process"]
-PLACEMENTS: tuple[str, ...] = ("in_process", "worker_process")
+Placement = Literal["in_process", "worker_process", "ray_actor"]
+PLACEMENTS: tuple[str, ...] = ("in_process", "worker_process", "ray_actor")
+OWN_PROCESS = ("worker_process", "ray_actor")  # placements that give a group (each replica) a process of its own
 MAIN = "main"
+RAY_INSTALL = "pip install 'streamrl[ray]'"
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """How a ``ray_actor`` group's replicas are started: Ray resources per replica and how often a dead replica is
+    restarted before the run fails (see :mod:`streamrl.execution.ray_actor`)."""
+
+    resources: tuple[tuple[str, float], ...] = (("CPU", 1.0),)
+    max_restarts: int = 3
 
 
 @dataclass(frozen=True)
@@ -92,6 +105,7 @@ class Pipeline:
         self.stage_group: dict[str, str] = {}
         self.groups: dict[str, Placement] = {MAIN: "in_process"}
         self.replicas: dict[str, int] = {}  # groups run as several replicas (worker processes), and how many
+        self.ray_options: dict[str, RayOptions] = {}  # ray_actor groups: resources and restarts
         self.edges: list[Edge] = []
         self.hooks: list[tuple[Hook, str]] = []
         self._duplicates: list[str] = []
@@ -108,19 +122,27 @@ class Pipeline:
             self.groups.setdefault(group, "in_process")
         return self
 
-    def place(self, group: str, placement: Placement, *, replicas: int = 1) -> Pipeline:
-        """Say where a stage group runs: ``"in_process"`` or ``"worker_process"``; ``replicas=N`` runs N copies of
-        a worker group, each in its own process (see :mod:`streamrl.execution.wiring` for how their edges meet)."""
+    def place(self, group: str, placement: Placement, *, replicas: int = 1,
+              resources: dict[str, float] | None = None, max_restarts: int = 3) -> Pipeline:
+        """Say where a stage group runs: ``"in_process"``, ``"worker_process"`` or ``"ray_actor"``; ``replicas=N``
+        runs N copies of the group, each in a process of its own (see :mod:`streamrl.execution.wiring` for how their
+        edges meet). For ``"ray_actor"``: ``resources`` each replica asks of Ray (``{"CPU": 1}`` by default; ``"GPU"``
+        and custom resources such as ``{"node:10.0.0.5": 0.01}`` too) and ``max_restarts``, how many times a replica
+        whose actor died is started again before the run fails."""
         if placement not in PLACEMENTS:
             raise PipelineError(f"placement of group {group!r} must be one of {PLACEMENTS}, got {placement!r}")
         if group == MAIN and placement != "in_process":
             raise PipelineError("group 'main' is the main process; put stages in another group to move them")
         if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
             raise PipelineError(f"group {group!r}: replicas must be an int >= 1, got {replicas!r}")
-        if replicas > 1 and placement != "worker_process":
-            raise PipelineError(f"group {group!r}: {replicas} replicas need placement 'worker_process' (one process "
-                                f"each), got {placement!r}; use p.place({group!r}, 'worker_process', "
+        if replicas > 1 and placement not in OWN_PROCESS:
+            raise PipelineError(f"group {group!r}: {replicas} replicas need placement 'worker_process' or 'ray_actor' "
+                                f"(one process each), got {placement!r}; use p.place({group!r}, 'worker_process', "
                                 f"replicas={replicas})")
+        if placement == "ray_actor":
+            self.ray_options[group] = _ray_options(group, resources, max_restarts)
+        elif resources is not None:
+            raise PipelineError(f"group {group!r}: resources= is for placement 'ray_actor', got {placement!r}")
         self.groups[group] = placement
         self.replicas[group] = replicas
         return self
@@ -163,6 +185,8 @@ class Pipeline:
         max_policy_lag: int | None = None,
         record: tuple[str, ...] = ("action",),
         rounds: bool = False,
+        resources: dict[str, float] | None = None,
+        max_restarts: int = 3,
     ) -> CollectorGroup:
         """Add a collector: group ``name`` holding an env stage (``{name}_env``) that steps ``env`` and a policy stage
         (``{name}_policy``) that runs ``policy``, joined by a rendezvous exchange (in one process a request reaches
@@ -183,6 +207,8 @@ class Pipeline:
         with ``join="rounds"``, and pass ``rounds=True``: ``frames_per_chunk`` is then one learner batch of all
         replicas together, each replica collecting ``frames_per_chunk / replicas`` frames a chunk (which must split
         evenly over the replicas' envs). ``record``: policy outputs stored in the chunks besides ``action``.
+        ``placement="ray_actor"`` runs the replicas as Ray actors; ``resources`` and ``max_restarts`` are then those
+        of :meth:`place`.
         """
         from streamrl.stages.env import EnvStage
         from streamrl.stages.policy import PolicyStage
@@ -203,7 +229,7 @@ class Pipeline:
         self.connect(f"{env_stage.name}.policy", f"{policy_stage.name}.requests", capacity=0)
         if weights_from is not None:
             self.connect(f"{weights_from}.weights", f"{policy_stage.name}.weights", capacity=1, overflow="drop_oldest")
-        self.place(name, placement, replicas=replicas)
+        self.place(name, placement, replicas=replicas, resources=resources, max_restarts=max_restarts)
         return CollectorGroup(name, env_stage.name, policy_stage.name, replicas)
 
     def add_hook(self, *hooks: Hook, group: str = MAIN) -> Pipeline:
@@ -229,8 +255,8 @@ class Pipeline:
         return self.process_of_group(self.stage_group[stage])
 
     def process_of_group(self, group: str) -> str:
-        """The process a group runs in: its own (``worker_process``) or the main one (``"main"``)."""
-        return group if self.groups.get(group) == "worker_process" else MAIN
+        """The process a group runs in: its own (``worker_process``, ``ray_actor``) or the main one (``"main"``)."""
+        return group if self.groups.get(group) in OWN_PROCESS else MAIN
 
     def replicas_of(self, process: str) -> int:
         """How many processes run ``process`` ("main" or a worker group): its replicas."""
@@ -240,7 +266,11 @@ class Pipeline:
         return [h for h, g in self.hooks if self.process_of_group(g) == process]
 
     def worker_groups(self) -> list[str]:
-        return [g for g, p in self.groups.items() if p == "worker_process" and g in self.stage_group.values()]
+        """Groups that run in processes of their own (worker processes or Ray actors) and have stages."""
+        return [g for g, p in self.groups.items() if p in OWN_PROCESS and g in self.stage_group.values()]
+
+    def ray_groups(self) -> list[str]:
+        return [g for g in self.worker_groups() if self.groups[g] == "ray_actor"]
 
     def describe(self) -> str:
         """A text drawing of the graph: groups, stages, edges."""
@@ -475,3 +505,18 @@ def _cycle_within(graph: dict[str, list[str]], members: set[str]) -> list[str]:
             return path[path.index(nxt):] + [nxt]
         path.append(nxt)
         seen.add(nxt)
+
+
+def _ray_options(group: str, resources: dict[str, float] | None, max_restarts: int) -> RayOptions:
+    if importlib.util.find_spec("ray") is None:
+        raise PipelineError(f"group {group!r} is placed on 'ray_actor', but Ray is not installed: {RAY_INSTALL}")
+    if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
+        raise PipelineError(f"group {group!r}: max_restarts must be an int >= 0, got {max_restarts!r}")
+    if resources is None:
+        return RayOptions(max_restarts=max_restarts)
+    if not isinstance(resources, dict) or not all(
+            isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool) and v >= 0
+            for k, v in resources.items()):
+        raise PipelineError(f"group {group!r}: resources must map resource names to amounts >= 0, e.g. "
+                            f"{{'CPU': 1, 'GPU': 0.25}}, got {resources!r}")
+    return RayOptions(tuple(sorted((k, float(v)) for k, v in resources.items())), max_restarts)

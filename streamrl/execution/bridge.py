@@ -10,7 +10,10 @@ Each edge that crosses a process boundary becomes a pair of bridge ends (:mod:`s
 * Control messages (events, statistics, errors, stop and cancel) share the socket; :class:`Bridge` hands them to
   its owner (:mod:`streamrl.execution.worker` on both sides).
 
-The same seam (items and acks over a message channel) is where a Ray actor placement plugs in.
+The same seam serves Ray actors (:mod:`streamrl.execution.ray_actor`): their channel carries the same messages
+through actor calls, and has an ``object_store`` (``Channel.object_store`` is None here): TensorDict items then
+travel as ``("ref", edge, ref)`` messages, the item put once into Ray's object store, and the same credits bound
+them.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from multiprocessing.reduction import ForkingPickler
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import structlog
@@ -35,7 +38,7 @@ _HEADER = 4
 FINAL = ("done", "error")  # a worker's last message; it then reads until the main process closes the socket
 
 
-async def read_until_closed(channel: Channel, seconds: float) -> None:
+async def read_until_closed(channel: MessageChannel, seconds: float) -> None:
     """Read and drop whatever the peer still sends until it closes the socket (at most ``seconds``).
 
     The side that has said its last words closes second: a Unix socket closed while messages it never read wait
@@ -71,6 +74,20 @@ def _signature(td: TensorDictBase) -> tuple[Any, ...]:
     return (tuple(td.batch_size), tuple((k, tuple(v.shape), v.dtype) for k, v in leaves))
 
 
+class MessageChannel(Protocol):
+    """What a bridge talks through: :class:`Channel` (a Unix socket) or a Ray actor's channel."""
+
+    object_store: Any  # None, or where TensorDict items travel instead (put/get)
+
+    def write(self, message: tuple[Any, ...], shared: Any = None) -> None: ...
+
+    async def send(self, message: tuple[Any, ...], *, shared: Any = None) -> None: ...
+
+    async def receive(self) -> tuple[tuple[Any, ...], bytes]: ...
+
+    def close(self) -> None: ...
+
+
 class Channel:
     """Messages over an asyncio stream pair: a small pickled header, then an optional shared-memory payload.
 
@@ -79,6 +96,8 @@ class Channel:
     payload fails to load, but the header still says which edge it belonged to and the messages after it
     (the sender's error report) are still read.
     """
+
+    object_store: Any = None  # a channel to a Ray actor ships TensorDict items through Ray's object store instead
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
@@ -119,7 +138,7 @@ class Channel:
 class _Outbound:
     """Ships the items of one edge to the other process, at most ``capacity`` in flight."""
 
-    def __init__(self, edge: str, capacity: int, local: ReceiveStream[Any], channel: Channel) -> None:
+    def __init__(self, edge: str, capacity: int, local: ReceiveStream[Any], channel: MessageChannel) -> None:
         self.edge = edge
         self.capacity = max(1, capacity)
         self.local = local
@@ -159,6 +178,10 @@ class _Outbound:
             self.done.set()
 
     async def _ship(self, item: Any) -> None:
+        store = self.channel.object_store
+        if store is not None and isinstance(item, TensorDictBase):
+            await self.channel.send(("ref", self.edge, store.put(item, self.edge)))
+            return
         if isinstance(item, TensorDictBase):
             if self.slots is None:
                 self.slots = [item.clone().share_memory_() for _ in range(self.capacity)]
@@ -178,7 +201,7 @@ class _Outbound:
 class _Inbound:
     """Receives the items of one edge and delivers them into the local stream, acking each one."""
 
-    def __init__(self, edge: str, capacity: int, local: SendStream[Any], channel: Channel) -> None:
+    def __init__(self, edge: str, capacity: int, local: SendStream[Any], channel: MessageChannel) -> None:
         self.edge = edge
         self.local = local
         self.channel = channel
@@ -194,7 +217,7 @@ class _Inbound:
             self.slots = payload
         elif kind == "close":
             self.pending_send.close()
-        else:  # "item" (a slot index) or "obj"; credits guarantee there is room
+        else:  # "item" (a slot index), "obj" or "ref"; credits guarantee there is room
             self.pending_send.send_nowait((kind, payload))
 
     async def run(self) -> None:
@@ -207,6 +230,11 @@ class _Inbound:
                 if kind == "item":
                     item = self.slots[payload].clone()
                     await self.channel.send(("ack", self.edge, payload))
+                elif kind == "ref":  # fetched from Ray's object store; None: lost with the actor that put it
+                    item = await self.channel.object_store.get(payload, self.edge)
+                    await self.channel.send(("ack", self.edge, None))
+                    if item is None:
+                        continue
                 else:
                     item = payload
                     await self.channel.send(("ack", self.edge, None))
@@ -227,7 +255,7 @@ class Bridge:
 
     def __init__(
         self,
-        channel: Channel,
+        channel: MessageChannel,
         outbound: dict[str, ReceiveStream[Any]],
         inbound: dict[str, SendStream[Any]],
         capacities: dict[str, int],
@@ -253,7 +281,7 @@ class Bridge:
                 except Exception as exc:  # noqa: BLE001 - the sender died before we mapped its memory
                     inbound.broken = f"{type(exc).__name__}: {exc}"
                     log.warning("could not map the shared memory of an edge", edge=message[1], error=inbound.broken)
-            elif kind in ("item", "obj", "close"):
+            elif kind in ("item", "obj", "ref", "close"):
                 self.inbound[message[1]].on_message(kind, message[2] if len(message) > 2 else None)
             else:
                 result = self.on_control(message)

@@ -47,6 +47,7 @@ class RunContext:
         recorder: RunRecorder,
         process: str = MAIN,
         replica: int = 0,
+        restarts: int = 0,
         deterministic: bool = False,
     ) -> None:
         self.run_dir = run_dir
@@ -59,6 +60,7 @@ class RunContext:
         self.recorder = recorder
         self.process = process  # "main", or the worker group's name
         self.replica = replica  # which replica of a replicated group this process is (0 when not replicated)
+        self.restarts = restarts  # how many times this replica was started again after its process died (Ray)
         self.stopping = False
         self.stop_reason: str | None = None
         self.stop_event = anyio.Event()
@@ -84,6 +86,13 @@ class RunContext:
             self.cancel_now.set()
             if self.closing is not None:
                 self.closing.deadline = min(self.closing.deadline, self.hurry_by)
+
+    @property
+    def replica_id(self) -> int:
+        """Which copy of its group this process is, restarts counted: ``replica`` at first, then after each restart
+        a new id past every replica's (``replica + restarts * replicas``), so that a restarted replica gets fresh
+        env seeds and ``traj_id``s."""
+        return self.replica + self.restarts * self.pipeline.replicas_of(self.process)
 
     def elapsed(self) -> float:
         return self.bus.now()

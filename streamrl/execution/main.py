@@ -61,6 +61,7 @@ from streamrl.errors import DiskFull, PipelineError
 from streamrl.events import EventBus
 from streamrl.execution.context import RunContext, resolve_device
 from streamrl.execution.process import ProcessRun, calm_gc, loop_options
+from streamrl.execution.ray_actor import ray_replicas, ray_session
 from streamrl.execution.status import StatusWriter, bottleneck, run_statistics
 from streamrl.execution.worker import WorkerGroup
 from streamrl.pipeline import MAIN, Pipeline
@@ -164,6 +165,7 @@ async def run_async(
     resume: dict[str, Any] | None = None,
     exit_after_second_signal: float | None = None,
     deterministic: bool = False,
+    ray_address: str | None = None,
 ) -> RunResult:
     """Run ``pipeline`` inside the current event loop; see the module docstring.
 
@@ -173,13 +175,16 @@ async def run_async(
     blocks the event loop (``streamrl run`` passes :data:`EXIT_AFTER_SECOND_SIGNAL_S`; None: never end it).
     ``deterministic``: the same graph in a fixed schedule (:func:`one_schedule`): two runs with one seed write the
     same ``metrics.csv``, on the CPU.
+    ``ray_address``: the Ray cluster a pipeline with ``ray_actor`` groups joins (default: the one this process is
+    connected to, else ``RAY_ADDRESS``, else a local instance started for the run;
+    :func:`~streamrl.execution.ray_actor.ray_session`).
     """
     if deterministic:
         one_schedule(pipeline)
     pipeline.validate()
     handle_signals = handle_signals and threading.current_thread() is threading.main_thread()
     with torch.inference_mode(not any(s.needs_grad for s in pipeline.stages_in(MAIN))), calm_gc(), \
-            _deterministic_torch(deterministic):
+            _deterministic_torch(deterministic), ray_session(pipeline, ray_address):
         return await _run_validated(pipeline, run_dir, seed=seed, device=device, handle_signals=handle_signals,
                                     drain_timeout=drain_timeout, preload=preload, resume=resume,
                                     exit_after_second_signal=exit_after_second_signal, deterministic=deterministic)
@@ -242,12 +247,16 @@ async def _run_validated(
     run = RunContext(run_dir, bus=bus, device=resolve_device(device), seed=seed, pipeline=pipeline,
                      recorder=recorder, deterministic=deterministic)
     process = ProcessRun(pipeline, run)
-    places = [(group, r) for group in pipeline.worker_groups() for r in range(pipeline.replicas_of(group))]
+    places = [(group, r) for group in pipeline.worker_groups() if group not in pipeline.ray_groups()
+              for r in range(pipeline.replicas_of(group))]
     workers = [WorkerGroup(pipeline, group, r, process.wiring, run, index=i, preload=preload or [])
                for i, (group, r) in enumerate(places)]
+    if pipeline.ray_groups():  # Ray actors: the same handles, on Ray (streamrl.execution.ray_actor)
+        workers += ray_replicas(pipeline, process.wiring, run, len(workers), preload or [])
     threads = torch.get_num_threads()
-    if workers:  # each worker takes a core (one torch thread); the main process keeps the rest
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) - sum(w.threads for w in workers)))
+    local = [w for w in workers if pipeline.groups[w.group] == "worker_process"]
+    if local:  # each worker process takes a core (one torch thread); the main process keeps the rest
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - sum(w.threads for w in local)))
     received_signals: list[int] = []
     started = time.perf_counter()
 
@@ -313,24 +322,50 @@ def _summary(pipeline: Pipeline, run: RunContext, process: ProcessRun, workers: 
             "hooks": run.bus.statistics(),
         }
     )
-    replicas = _replicas(pipeline, run, busy)
+    replicas = _replicas(pipeline, run, busy, workers)
     if replicas:
         summary["replicas"] = replicas
+        nodes = _nodes(replicas)
+        if nodes:
+            summary["nodes"] = nodes
     return summary
 
 
-def _replicas(pipeline: Pipeline, run: RunContext, busy: dict[str, float]) -> dict[str, dict[str, Any]]:
-    """Per replica of each replicated group: frames, busy fraction of each stage, policy lag of its chunks."""
+def _replicas(pipeline: Pipeline, run: RunContext, busy: dict[str, float],
+              workers: list[WorkerGroup]) -> dict[str, dict[str, Any]]:
+    """Per replica of each replicated (or Ray) group: frames, busy fraction of each stage, policy lag of its
+    chunks; for Ray replicas also the node, restarts, bytes moved and object-store waits."""
     out: dict[str, dict[str, Any]] = {}
+    telemetry = {w.label: w.telemetry() for w in workers}
     for group in pipeline.worker_groups():
-        for r in range(pipeline.replicas_of(group) if pipeline.replicas_of(group) > 1 else 0):
-            labels = [f"{name}[{r}]" for name in pipeline.stages if pipeline.stage_group[name] == group]
-            out[f"{group}[{r}]"] = {
-                "frames": sum(run.recorder.frames_by_source.get(label, 0) for label in labels),
-                "busy_fraction": {label: busy[label] for label in labels if label in busy},
+        replicated = pipeline.replicas_of(group) > 1
+        if not replicated and group not in pipeline.ray_groups():
+            continue
+        for r in range(pipeline.replicas_of(group)):
+            label = f"{group}[{r}]" if replicated else group
+            labels = [f"{name}[{r}]" if replicated else name
+                      for name in pipeline.stages if pipeline.stage_group[name] == group]
+            out[label] = {
+                "frames": sum(run.recorder.frames_by_source.get(stage, 0) for stage in labels),
+                "busy_fraction": {stage: busy[stage] for stage in labels if stage in busy},
                 "policy_lag": run.recorder.lag_of(labels),
+                **telemetry.get(label, {}),
             }
     return out
+
+
+def _nodes(replicas: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per node of a Ray cluster: its replicas (by the node of their last actor) and their frames and traffic."""
+    nodes: dict[str, dict[str, Any]] = {}
+    for label, figures in replicas.items():
+        if figures.get("node") is None:
+            continue
+        node = nodes.setdefault(figures["node"], {"replicas": [], "frames": 0, "bytes_in": 0, "restarts": 0})
+        node["replicas"].append(label)
+        node["frames"] += figures["frames"]
+        node["bytes_in"] += figures["bytes_in"]
+        node["restarts"] += figures["restarts"]
+    return nodes
 
 
 def run(pipeline: Pipeline, run_dir: str | Path, **options: Any) -> RunResult:

@@ -40,12 +40,13 @@ message channel — is where a Ray actor placement would plug in.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import pickle
 import signal
 import socket
 import sys
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,7 @@ import torch
 
 from streamrl.errors import RemoteError, StageFailed, WorkerDied
 from streamrl.events import Event, EventBus
-from streamrl.execution.bridge import Bridge, Channel, PeerGone, frame, read_until_closed
+from streamrl.execution.bridge import Bridge, Channel, MessageChannel, PeerGone, frame, read_until_closed
 from streamrl.execution.context import RunContext
 from streamrl.execution.process import ProcessRun, calm_gc, loop_options
 from streamrl.execution.wiring import Wiring
@@ -63,11 +64,12 @@ from streamrl.forkserver import worker_context
 from streamrl.pipeline import MAIN, Pipeline
 from streamrl.seeding import seed_everything
 from streamrl.stages.base import Stage, StageContext
-from streamrl.streams import open_stream
+from streamrl.streams import SendStream, open_stream
 from streamrl.summary import RunRecorder
 
 log = structlog.get_logger("streamrl.execution.worker")
 FINAL_READ_S = 5.0  # after its last message, how long a worker waits for the main process to close the socket
+STATS_EVERY_S = 1.0  # how often a worker sends its busy fractions and stream counters
 
 
 class _Elsewhere(Stage):
@@ -93,6 +95,8 @@ class _WorkerSpec:
     seed: int
     threads: int
     forward_kinds: frozenset[str] | None  # None: every kind
+    restarts: int = 0  # a Ray replica started again: how many times (fresh seeds and traj_ids)
+    frames: dict[str, int] = field(default_factory=dict)  # env stage -> frames its earlier incarnations collected
 
 
 def _group_pipeline(pipeline: Pipeline, group: str) -> Pipeline:
@@ -144,15 +148,17 @@ class WorkerGroup:
         self._error: BaseException | None = None
         self.process: Any = None
         self._channel: Channel | None = None
+        self._sock: socket.socket | None = None
         self.exit_timeout = 30.0  # seconds a cancelled worker gets to close its stages before it is killed
 
-    def _spec(self) -> bytes:
+    def _spec(self, *, restarts: int = 0, frames: dict[str, int] | None = None) -> bytes:
         bus = self.run_ctx.bus
         kinds = None if bus._wildcard else frozenset(kind for kind, subs in bus._by_kind.items() if subs)
         spec = _WorkerSpec(
             group=self.group, replica=self.replica, pipeline=_group_pipeline(self.pipeline, self.group),
             run_dir=str(self.run_ctx.run_dir), device=str(self.run_ctx.device),
-            seed=self.run_ctx.seed + 1000 * (self.index + 1), threads=self.threads, forward_kinds=kinds,
+            seed=self.run_ctx.seed + 1000 * (self.index + 1) + 7 * restarts, threads=self.threads,
+            forward_kinds=kinds, restarts=restarts, frames=frames or {},
         )
         try:
             return pickle.dumps(spec, protocol=5)
@@ -184,59 +190,81 @@ class WorkerGroup:
         delivered.set()
 
     async def run(self) -> None:
+        """Start the worker, bridge its edges until it ends, reap it; raise what it failed with."""
         spec = self._spec()
+        self._events, self._events_out = open_stream(256, name=f"events from {self.label}")
+        try:
+            channel = await self._start(spec)
+            await self._serve(channel, self.inbound)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._reap()
+
+    async def _start(self, spec: bytes) -> Channel:
+        """Spawn the worker process; the channel to it."""
         parent_sock, child_sock = socket.socketpair()
+        self._sock = parent_sock
         ctx = worker_context()
         # Not a daemon: a group's envs may start their own subprocess workers. The worker exits when this process
         # goes away (its socket reports EOF), and run() reaps it on every exit path.
         self.process = ctx.Process(target=worker_main, args=(child_sock, self.label, self.preload, spec),
                                    name=f"streamrl-{self.label}", daemon=False)
-        self._events, self._events_out = open_stream(256, name=f"events from {self.label}")
         try:
-            try:
-                await anyio.to_thread.run_sync(self.process.start)
-            finally:
-                child_sock.close()
-            await self.run_ctx.bus.publish("worker_started", f"group {self.label}",
-                                           {"group": self.group, "replica": self.replica, "pid": self.process.pid})
-            reader, writer = await asyncio.open_connection(sock=parent_sock)
-            channel = self._channel = Channel(reader, writer)
-            bridge = Bridge(channel, self.outbound, self.inbound, self.capacities, self._on_control)
-            async with anyio.create_task_group() as tg:
-                for out in bridge.outbound.values():
-                    tg.start_soon(out.run)
-                for inb in bridge.inbound.values():
-                    tg.start_soon(inb.run)
-                tg.start_soon(self._forward_stop, channel)
-                events_delivered = anyio.Event()
-                tg.start_soon(self._deliver_events, events_delivered)
-                try:
-                    await bridge.read_loop()
-                except PeerGone:
-                    pass
-                self._events.close()
-                if self._error is not None:
-                    raise self._error
-                if not self._finished:  # it died: reap it to learn how (the signal that killed it)
-                    await anyio.to_thread.run_sync(self.process.join, 2.0)
-                    raise WorkerDied(self.label, self.process.exitcode, self.process.pid)
-                for inb in bridge.inbound.values():  # deliver what already arrived
-                    await inb.done.wait()
-                await events_delivered.wait()
-                tg.cancel_scope.cancel()  # stop shipping to a worker that is gone...
-            bridge.close_outbound()  # ...and let its upstream stages see that nobody listens any more
+            await anyio.to_thread.run_sync(self.process.start)
         finally:
-            with anyio.CancelScope(shield=True):
-                await self._reap(parent_sock)
+            child_sock.close()
+        await self.run_ctx.bus.publish("worker_started", f"group {self.label}",
+                                       {"group": self.group, "replica": self.replica, "pid": self.process.pid})
+        reader, writer = await asyncio.open_connection(sock=parent_sock)
+        self._channel = Channel(reader, writer)
+        return self._channel
 
-    async def _forward_stop(self, channel: Channel) -> None:
+    async def _death(self) -> BaseException:
+        """Why the worker went without its last words: reap it to learn how (the signal that killed it)."""
+        await anyio.to_thread.run_sync(self.process.join, 2.0)
+        return WorkerDied(self.label, self.process.exitcode, self.process.pid)
+
+    async def _serve(self, channel: MessageChannel, inbound: dict[str, SendStream[Any]]) -> None:
+        """Bridge the edges over ``channel`` until the worker's last message (or its death); raise its error."""
+        self._finished = False
+        self._error = None
+        bridge = Bridge(channel, self.outbound, inbound, self.capacities, self._on_control)
+        async with anyio.create_task_group() as tg:
+            for out in bridge.outbound.values():
+                tg.start_soon(out.run)
+            for inb in bridge.inbound.values():
+                tg.start_soon(inb.run)
+            tg.start_soon(self._forward_stop, channel)
+            events_delivered = anyio.Event()
+            tg.start_soon(self._deliver_events, events_delivered)
+            try:
+                await bridge.read_loop()
+            except PeerGone:
+                pass
+            self._events.close()
+            if self._error is not None:
+                raise self._error
+            if not self._finished:
+                raise await self._death()
+            for inb in bridge.inbound.values():  # deliver what already arrived
+                await inb.done.wait()
+            await events_delivered.wait()
+            tg.cancel_scope.cancel()  # stop shipping to a worker that is gone...
+        bridge.close_outbound()  # ...and let its upstream stages see that nobody listens any more
+
+    def telemetry(self) -> dict[str, Any]:
+        """Figures of this worker beyond its stages' (``summary.json["replicas"]``): a Ray replica's node,
+        restarts and traffic."""
+        return {}
+
+    async def _forward_stop(self, channel: MessageChannel) -> None:
         await self.run_ctx.stop_event.wait()
         try:
             await channel.send(("stop", self.run_ctx.stop_reason))
         except PeerGone:
             pass
 
-    async def _reap(self, sock: socket.socket) -> None:
+    async def _reap(self) -> None:
         """Make sure the worker process is gone: ask it to cancel, wait, terminate, kill."""
         proc = self.process
         if self._channel is not None:
@@ -246,7 +274,8 @@ class WorkerGroup:
                 self._channel.close()
             except PeerGone:
                 pass
-        sock.close()
+        if self._sock is not None:
+            self._sock.close()
         if proc is None or proc.pid is None:
             return
         give_up_at = anyio.current_time() + self.exit_timeout  # its stages close (and flush) first
@@ -281,8 +310,13 @@ def worker_main(sock: socket.socket, label: str, preload: list[tuple[str, str]],
         sys.exit(1)
     torch.set_num_threads(spec.threads)
     seed_everything(spec.seed)
-    code = anyio.run(_worker_async, sock, spec, backend="asyncio", backend_options=loop_options())
+    code = anyio.run(_socket_worker, sock, spec, backend="asyncio", backend_options=loop_options())
     sys.exit(code)
+
+
+async def _socket_worker(sock: socket.socket, spec: _WorkerSpec) -> int:
+    reader, writer = await asyncio.open_connection(sock=sock)
+    return await run_worker(Channel(reader, writer), spec)
 
 
 def _report_start_failure(sock: socket.socket, label: str, preload: list[tuple[str, str]], exc: BaseException) -> None:
@@ -297,19 +331,21 @@ def _report_start_failure(sock: socket.socket, label: str, preload: list[tuple[s
         pass  # the main process is gone too
 
 
-async def _worker_async(sock: socket.socket, spec: _WorkerSpec) -> int:
+async def run_worker(channel: MessageChannel, spec: _WorkerSpec) -> int:
+    """Run a worker's share of the pipeline, bridged to the main process over ``channel``; its exit code."""
     trains = any(s.needs_grad for s in spec.pipeline.stages_in(spec.group))
     with torch.inference_mode(not trains), calm_gc():
-        return await _worker_body(sock, spec)
+        return await _worker_body(channel, spec)
 
 
-async def _worker_body(sock: socket.socket, spec: _WorkerSpec) -> int:
+async def _worker_body(channel: MessageChannel, spec: _WorkerSpec) -> int:
     """Run this worker's share through :class:`ProcessRun`, bridged to the main process; report how it ended."""
-    reader, writer = await asyncio.open_connection(sock=sock)
-    channel = Channel(reader, writer)
     pipeline = spec.pipeline
     run = RunContext(Path(spec.run_dir), bus=EventBus(), device=torch.device(spec.device), seed=spec.seed,
-                     pipeline=pipeline, recorder=RunRecorder(), process=spec.group, replica=spec.replica)
+                     pipeline=pipeline, recorder=RunRecorder(), process=spec.group, replica=spec.replica,
+                     restarts=spec.restarts)
+    for name, frames in spec.frames.items():  # a restarted replica goes on with its share of the frame budget
+        pipeline.stages[name].frames = frames  # type: ignore[attr-defined]
     process = ProcessRun(pipeline, run)
     wiring = process.wiring
     outbound_edges = {e.name for e in pipeline.edges if pipeline.process_of(e.src_stage) == spec.group
@@ -354,13 +390,20 @@ async def _worker_body(sock: socket.socket, spec: _WorkerSpec) -> int:
 
         run.bus.subscribe(forward, spec.forward_kinds, name="forward-to-main")
 
+    async def report_statistics() -> None:
+        """The main process shows busy fractions and stream depths while the run lasts (streamrl top)."""
+        with contextlib.suppress(PeerGone):
+            while True:
+                await anyio.sleep(STATS_EVERY_S)
+                await channel.send(("stats", process.statistics()))
+
     async def ship_the_rest() -> None:
         for out in bridge.outbound.values():  # ship what is left, then wait until it was taken
             await out.done.wait()
             while out.in_flight and not run.cancel_now.is_set():
                 await anyio.sleep(0.005)
 
-    companions = [read, report_stop, *(out.run for out in bridge.outbound.values()),
+    companions = [read, report_stop, report_statistics, *(out.run for out in bridge.outbound.values()),
                   *(inb.run for inb in bridge.inbound.values())]
     error = await process.execute(companions=companions, on_started=forward_events, after_stages=ship_the_rest)
     failure: tuple[str, BaseException] | None = None

@@ -31,8 +31,9 @@ in subprocesses (``backend="subprocess"``: the stage awaits the workers without 
 runs on a GPU. For in-process vector envs a single group is faster.
 
 Seeds and episode ids: the envs are seeded with ``env.seed`` (or, when it is None, the run's seed) plus
-``7919 * group``, ``104729 * segment`` (the resumes so far) and ``1000003 * replica`` (``ctx.run.replica``: which
-replica of a replicated group runs the stage; 0 when not replicated), so that no two replicas, groups or resumed
+``7919 * group``, ``104729 * segment`` (the resumes so far) and ``1000003 * replica`` (``ctx.run.replica_id``: which
+replica of a replicated group runs the stage, 0 when not replicated; a Ray replica started again after its actor
+died counts on past the replicas: ``replica + restarts * replicas``), so that no two replicas, groups or resumed
 segments replay the same episodes. Episode ids (``traj_id``) count up from
 ``(segment << 40) | (replica << 32) | (group << 28)``: unique in a replay store across resumes, replicas and
 groups (up to 2**28 episodes per group and segment).
@@ -137,8 +138,12 @@ class EnvStage(Stage):
 
     async def run(self, ctx: StageContext) -> None:
         seed = self.env.seed if self.env.seed is not None else ctx.run.seed
-        seed += 7919 * self.group + 104_729 * self.segment + REPLICA_SEED_STRIDE * ctx.run.replica
-        self.replica = ctx.run.replica
+        self.replica = ctx.run.replica_id  # the replica, or past its restarts (Ray actors) a fresh id
+        if self.replica >= 256:
+            raise ConfigError(f"EnvStage {self.name!r}: replica id {self.replica} (replica {ctx.run.replica} after "
+                              f"{ctx.run.restarts} restarts) does not fit the 8 bits traj_ids give it; use fewer "
+                              "replicas or a lower max_restarts")
+        seed += 7919 * self.group + 104_729 * self.segment + REPLICA_SEED_STRIDE * self.replica
         gym_env = self._gym_env()
         if gym_env is not None:
             gym_env.step_timeout = self.step_timeout  # bounds the waits for its subprocess workers
