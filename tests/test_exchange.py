@@ -345,8 +345,8 @@ def first_chunk(replica, seed):
         def random_actions(request):
             return PolicyAnswer(request.td, 0, torch.randint(0, 2, request.td.batch_size, generator=generator))
 
-        run_ctx = SimpleNamespace(seed=0, replica=replica, stopping=False, deterministic=False,
-                                  bus=SimpleNamespace(publish=publish))
+        run_ctx = SimpleNamespace(seed=0, replica=replica, replica_id=replica, restarts=0, stopping=False,
+                                  deterministic=False, bus=SimpleNamespace(publish=publish))
         ctx = StageContext(stage, run_ctx, {}, {"policy": asker, "chunks": send})
         serving = asyncio.ensure_future(server.serve(random_actions))
         await stage.run(ctx)

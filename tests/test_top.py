@@ -190,3 +190,37 @@ def test_streamrl_top_on_the_command_line(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "[backpressure]" in done.stdout and "completed" in done.stdout
+
+
+class SlowChunks(Chunks):
+    """Chunks, one every 50 ms."""
+
+    async def run(self, ctx):
+        import anyio
+
+        out = ctx.output("items")
+        for i in range(self.n):
+            await anyio.sleep(0.05)
+            await out.send(i)
+            await ctx.publish("chunk", frames=(i + 1) * self.frames)
+
+
+def test_a_worker_processes_stages_show_their_busy_fraction_while_the_run_goes_on(tmp_path):
+    p = Pipeline("worker")
+    p.add(SlowChunks("src", 60), group="w")
+    p.add(Collect("sink", keep=False)).connect("src.items", "sink.items", capacity=2)
+    p.place("w", "worker_process")
+    runner = threading.Thread(target=streamrl.run, args=(p, tmp_path), kwargs={"handle_signals": False})
+    runner.start()
+    try:
+        path = tmp_path / "status.json"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the worker reports its figures every second while it runs
+            status = json.loads(path.read_text()) if path.exists() else {}
+            if status.get("stages", {}).get("src", {}).get("busy") is not None:
+                break
+            time.sleep(0.1)
+    finally:
+        runner.join()
+    assert status["state"] == "running" and isinstance(status["stages"]["src"]["busy"], float)
+    assert status["streams"]["src.items->sink.items (outbound)"]["items_sent"] > 0

@@ -19,6 +19,7 @@ them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import pickle
 import time
 from collections import deque
@@ -221,33 +222,37 @@ class _Inbound:
             self.pending_send.send_nowait((kind, payload))
 
     async def run(self) -> None:
+        """Deliver what arrives, acking each item; once the other process is gone (acks fail), what already
+        arrived is still delivered, until the pending queue is closed."""
         consumer_gone = False
         try:
             async for kind, payload in self.pending:
                 if kind == "item" and self.broken is not None:
-                    await self.channel.send(("ack", self.edge, payload))
+                    await self._ack(payload)
                     continue
                 if kind == "item":
                     item = self.slots[payload].clone()
-                    await self.channel.send(("ack", self.edge, payload))
-                elif kind == "ref":  # fetched from Ray's object store; None: lost with the actor that put it
+                    await self._ack(payload)
+                elif kind == "ref":  # from Ray's object store; None: lost with the process that put it
                     item = await self.channel.object_store.get(payload, self.edge)
-                    await self.channel.send(("ack", self.edge, None))
+                    await self._ack(None)
                     if item is None:
                         continue
                 else:
                     item = payload
-                    await self.channel.send(("ack", self.edge, None))
+                    await self._ack(None)
                 if not consumer_gone:
                     try:
                         await self.local.send(item)
                     except BrokenStreamError:
                         consumer_gone = True  # keep acking so the other side can finish
-        except PeerGone:
-            return  # the other process is gone; the read loop reports why
         finally:
             self.local.close()
             self.done.set()
+
+    async def _ack(self, slot: int | None) -> None:
+        with contextlib.suppress(PeerGone):  # the other process is gone; the read loop reports why
+            await self.channel.send(("ack", self.edge, slot))
 
 
 class Bridge:

@@ -23,8 +23,9 @@ Where Ray comes from: a run joins the Ray instance this process is connected to,
 Faults: a replica whose actor dies (its node removed, its process killed) is started again, up to the group's
 ``max_restarts`` (:class:`~streamrl.pipeline.RayOptions`); the learner and the other replicas go on meanwhile.
 The new actor gets fresh env seeds and ``traj_id``s (``RunContext.replica_id``) and goes on with the replica's
-share of the frame budget, minus what its earlier actors collected (chunks that were still in flight when an actor
-died are lost with it: they were never written). One death more fails the run with :class:`~streamrl.errors.
+share of the frame budget, minus what its earlier actors collected (an env stage counts a chunk when it publishes
+it: the chunks still in the dead actor or in flight, at most the edge's capacity plus two, are lost with it and
+counted; they were never written). One death more fails the run with :class:`~streamrl.errors.
 ReplicaLost` naming the replica and its node. An error raised by a stage of the replica is not a death: it fails
 the run as in a worker process (a bug would recur). ``summary.json`` counts restarts per replica, with its node,
 the bytes moved each way and the time spent waiting on the object store.
@@ -278,7 +279,7 @@ class _ActorChannel:
         self.has_mail = asyncio.Event()
         self.inbox: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
         self._next = 1
-        self._early: dict[int, tuple[Any, ...]] = {}
+        self._early: dict[int, list[tuple[Any, ...]]] = {}
         self.closed = False
 
     def deliver(self, seq: int, messages: list[tuple[Any, ...]]) -> None:

@@ -70,6 +70,7 @@ from streamrl.summary import RunRecorder
 log = structlog.get_logger("streamrl.execution.worker")
 FINAL_READ_S = 5.0  # after its last message, how long a worker waits for the main process to close the socket
 STATS_EVERY_S = 1.0  # how often a worker sends its busy fractions and stream counters
+DELIVER_AFTER_DEATH_S = 2.0  # how long items that arrived before a worker died may take to reach their stream
 
 
 class _Elsewhere(Stage):
@@ -245,7 +246,13 @@ class WorkerGroup:
             if self._error is not None:
                 raise self._error
             if not self._finished:
-                raise await self._death()
+                death = await self._death()
+                for inb in bridge.inbound.values():  # what already arrived is delivered; then the death is raised
+                    inb.pending_send.close()
+                with anyio.move_on_after(DELIVER_AFTER_DEATH_S):
+                    for inb in bridge.inbound.values():
+                        await inb.done.wait()
+                raise death
             for inb in bridge.inbound.values():  # deliver what already arrived
                 await inb.done.wait()
             await events_delivered.wait()
