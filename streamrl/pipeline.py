@@ -140,7 +140,7 @@ class Pipeline:
                                 f"(one process each), got {placement!r}; use p.place({group!r}, 'worker_process', "
                                 f"replicas={replicas})")
         if placement == "ray_actor":
-            self.ray_options[group] = _ray_options(group, resources, max_restarts)
+            self.ray_options[group] = _ray_options(group, replicas, resources, max_restarts)
         elif resources is not None:
             raise PipelineError(f"group {group!r}: resources= is for placement 'ray_actor', got {placement!r}")
         self.groups[group] = placement
@@ -507,11 +507,14 @@ def _cycle_within(graph: dict[str, list[str]], members: set[str]) -> list[str]:
         seen.add(nxt)
 
 
-def _ray_options(group: str, resources: dict[str, float] | None, max_restarts: int) -> RayOptions:
+def _ray_options(group: str, replicas: int, resources: dict[str, float] | None, max_restarts: int) -> RayOptions:
     if importlib.util.find_spec("ray") is None:
         raise PipelineError(f"group {group!r} is placed on 'ray_actor', but Ray is not installed: {RAY_INSTALL}")
     if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
         raise PipelineError(f"group {group!r}: max_restarts must be an int >= 0, got {max_restarts!r}")
+    if replicas * (max_restarts + 1) > 256:
+        raise PipelineError(f"group {group!r}: {replicas} replicas x (max_restarts={max_restarts} + 1) actors need "
+                            f"{replicas * (max_restarts + 1)} replica ids; traj_ids hold 256: lower one of them")
     if resources is None:
         return RayOptions(max_restarts=max_restarts)
     if not isinstance(resources, dict) or not all(

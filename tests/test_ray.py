@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,8 +21,8 @@ import torch
 from tensordict import TensorDict
 
 import streamrl
-from streamrl import Pipeline, PipelineError, ReplicaLost, Stage
-from streamrl.execution.ray_actor import _ActorChannel, from_arrays, to_arrays
+from streamrl import Pipeline, PipelineError, ReplicaLost, Stage, StageFailed
+from streamrl.execution import ray_actor
 from streamrl.loader import load_module
 from streamrl.replay import ZarrStorage
 from streamrl.testing import CountFrames
@@ -33,54 +34,6 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 DQN = ROOT / "pipelines" / "dqn_cartpole.py"
 REPLICA_SHIFT = 32  # a chunk's traj_id carries its replica id in bits 32..39
-
-
-# -- without a cluster --------------------------------------------------------------------------------------------
-def test_a_tensordict_travels_as_arrays_and_comes_back_equal_and_writable():
-    td = TensorDict({"observation": torch.randn(4, 3, 2), "next": {"done": torch.zeros(4, 3, 1, dtype=torch.bool)},
-                     "half": torch.ones(4, 3, dtype=torch.bfloat16), "traj_id": torch.arange(12).view(4, 3)}, [4, 3])
-    payload = to_arrays(td)
-    for _, leaf in payload["leaves"]:
-        if hasattr(leaf, "setflags"):
-            leaf.setflags(write=False)  # as Ray's object store hands them back
-    back = from_arrays(payload)
-    assert back.batch_size == td.batch_size and (back == td).all()
-    assert back["next", "done"].dtype == torch.bool and back["half"].dtype == torch.bfloat16
-    back["observation"] += 1  # copied out: writable
-
-
-def test_an_actor_takes_the_main_processes_messages_in_the_order_they_were_numbered():
-    async def main():
-        channel = _ActorChannel(traffic=None)  # type: ignore[arg-type]
-        channel.deliver(2, [("b",), ("c",)])  # Ray started the second call first
-        channel.deliver(1, [("a",)])
-        channel.deliver(2, [])  # a take that carried nothing repeats the last number
-        channel.deliver(3, [("d",)])
-        return [(await channel.receive())[0] for _ in range(4)]
-
-    assert anyio.run(main) == [("a",), ("b",), ("c",), ("d",)]
-
-
-def test_without_ray_the_placement_fails_validation_with_the_install_command(monkeypatch):
-    import importlib.util
-
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else find_spec(name, *a))
-    p = Pipeline("x")
-    with pytest.raises(PipelineError, match=r"Ray is not installed: pip install 'streamrl\[ray\]'"):
-        p.add_collector("collect", streamrl.GymEnv("CartPole-v1"), _actor(), frames_per_chunk=8, placement="ray_actor",
-                        weights_from=None)
-
-
-def test_placement_options_are_checked():
-    p = Pipeline("x")
-    p.add(CountFrames("sink"), group="g")
-    with pytest.raises(PipelineError, match="max_restarts must be an int >= 0"):
-        p.place("g", "ray_actor", max_restarts=-1)
-    with pytest.raises(PipelineError, match="resources must map resource names to amounts"):
-        p.place("g", "ray_actor", resources={"CPU": "one"})  # type: ignore[dict-item]
-    with pytest.raises(PipelineError, match="resources= is for placement 'ray_actor'"):
-        p.place("g", "worker_process", resources={"CPU": 1})
 
 
 # -- on a cluster -------------------------------------------------------------------------------------------------
@@ -164,6 +117,7 @@ def test_chunks_from_replicas_on_every_node_reach_the_sink_and_weights_reach_eve
         assert figures["placement"] == "ray_actor" and figures["restarts"] == 0 and figures["frames"] >= 512
         assert figures["items_in"] >= 16 and figures["bytes_in"] > 0 and figures["bytes_out"] > 0
         assert figures["busy_fraction"][f"collect_env[{r}]"] > 0
+    assert set(summary["nodes"]) == {replicas[f"collect[{r}]"]["node_id"] for r in (0, 1)}
     assert sum(node["frames"] for node in summary["nodes"].values()) == summary["frames"]
     assert _alive_actors() == 0  # no actor left behind
 
@@ -207,7 +161,7 @@ def test_a_replica_that_dies_more_often_than_its_restarts_fails_the_run_naming_i
     with pytest.raises(ReplicaLost, match=r"replica remote \(a Ray actor on node [\d.]+ .*\) died after 1 restart"
                                           r"\(s\) of max_restarts=1") as failure:
         streamrl.run(p, tmp_path, handle_signals=False)
-    assert failure.value.node == started[-1]["node"] and [s["restarts"] for s in started] == [0, 1]
+    assert failure.value.node_id == started[-1]["node_id"] and [s["restarts"] for s in started] == [0, 1]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["exit_reason"] == "failed" and summary["replicas"]["remote"]["restarts"] == 1
 
@@ -228,8 +182,8 @@ def test_removing_a_node_mid_run_restarts_its_replica_and_the_run_completes_losi
         events[event.kind].append((time.perf_counter(), event.data))
         if event.kind == "optim_step" and not removed and len(events["worker_started"]) == 2:
             victim = events["worker_started"][0][1]["node_id"]
-            removed.append(victim)
-            await anyio.to_thread.run_sync(cluster.remove_node, nodes[victim])
+            removed.append(victim)  # removed beside the run: the hook must not hold up the learner
+            threading.Thread(target=cluster.remove_node, args=(nodes[victim],), daemon=True).start()
 
     p.on(("worker_started", "replica_restarted", "optim_step", "stored"), on_event)
     result = streamrl.run(p, tmp_path, handle_signals=False, preload=[(module.__name__, str(DQN))])
@@ -246,6 +200,9 @@ def test_removing_a_node_mid_run_restarts_its_replica_and_the_run_completes_losi
     rows = store.get(torch.arange(len(store)))
     replica_ids = set((rows["traj_id"] >> REPLICA_SHIFT & 0xFF).tolist())
     assert {0, 1} <= replica_ids and replica_ids & {2, 3}
+    fresh = ((rows["traj_id"] >> REPLICA_SHIFT & 0xFF) >= 2)
+    assert int(rows["policy_version"][fresh].min()) >= 1  # it started with the learner's weights, not the initial ones
+    assert summary["frames"] <= 4_000 + 2 * 64 + 64  # it went on with the replica's budget, not a new one
     assert len(store) == events["stored"][-1][1]["rows"]  # every row the writer took is in the store
     # lost with the node (counted when published): at most the chunk being sent, the one queued in the actor and
     # the one in flight (the edge's credit)
@@ -255,6 +212,64 @@ def test_removing_a_node_mid_run_restarts_its_replica_and_the_run_completes_losi
     back_at = events["worker_started"][-1][0]
     assert any(died_at <= t <= back_at for t, _ in events["optim_step"]) or back_at - died_at < 0.5
     del spare
+
+
+class Raises(Stage):
+    """A source that raises after a few items: a bug, not a death."""
+
+    outputs = ("chunks",)
+
+    async def run(self, ctx):
+        for _ in range(3):
+            await ctx.output("chunks").send(TensorDict({"x": torch.ones(4, 1)}, [4, 1]))
+        raise ValueError("a bug in a stage of the replica")
+
+
+def test_a_stage_that_raises_in_a_replica_fails_the_run_naming_it_without_restarts(cluster, tmp_path):
+    p = Pipeline("raises")
+    p.add(Raises("src"), group="remote")
+    p.add(CountFrames("sink"))
+    p.connect("src.chunks", "sink.chunks", capacity=2)
+    p.place("remote", "ray_actor", max_restarts=3)
+    with pytest.raises(StageFailed, match="a bug in a stage of the replica") as failure:
+        streamrl.run(p, tmp_path, handle_signals=False)
+    assert failure.value.stage == "src"
+    assert json.loads((tmp_path / "summary.json").read_text())["replicas"]["remote"]["restarts"] == 0
+
+
+def test_a_stop_ends_ray_replicas_and_leaves_no_actor(cluster, tmp_path):
+    p = Pipeline("stop")
+    c = p.add_collector("collect", streamrl.GymEnv("CartPole-v1", num_envs=2), _actor(), frames_per_chunk=32,
+                        replicas=2, weights_from=None, placement="ray_actor")  # no budget: runs until stopped
+    p.add(CountFrames("sink"))
+    p.connect(c.chunks, "sink.chunks", capacity=2)
+
+    class StopAfter(streamrl.Hook):
+        events = ("chunk",)
+
+        async def start(self, run):
+            self.run = run
+
+        def on_event(self, event):
+            if self.run.recorder.frames >= 640:
+                self.run.request_stop("enough")
+
+    p.add_hook(StopAfter())
+    result = streamrl.run(p, tmp_path, handle_signals=False)
+    assert result.exit_reason == "stopped" and result.summary["frames"] >= 640
+    assert _alive_actors() == 0
+
+
+def test_a_replica_ray_cannot_place_fails_the_run_saying_what_it_asked(cluster, tmp_path, monkeypatch):
+    monkeypatch.setattr(ray_actor, "PLACE_TIMEOUT_S", 2.0)
+    p = Pipeline("no_room")
+    p.add(Raises("src"), group="remote")
+    p.add(CountFrames("sink"))
+    p.connect("src.chunks", "sink.chunks", capacity=2)
+    p.place("remote", "ray_actor", resources={"GPU": 1})
+    with pytest.raises(PipelineError, match=r"replica remote found no room in Ray within 2 s .* asks \{'GPU': 1.0\}"):
+        streamrl.run(p, tmp_path, handle_signals=False)
+    assert _alive_actors() == 0
 
 
 def test_the_cli_runs_ppo_with_ray_actor_replicas_joining_a_cluster_by_address(cluster, tmp_path):

@@ -12,8 +12,8 @@ Each edge that crosses a process boundary becomes a pair of bridge ends (:mod:`s
 
 The same seam serves Ray actors (:mod:`streamrl.execution.ray_actor`): their channel carries the same messages
 through actor calls, and has an ``object_store`` (``Channel.object_store`` is None here): TensorDict items then
-travel as ``("ref", edge, ref)`` messages, the item put once into Ray's object store, and the same credits bound
-them.
+travel as ``("ref", edge, carried)`` messages, ``carried`` being what that store made of the item (the weights: a
+reference into Ray's object store; chunks: numpy arrays riding in a reply), and the same credits bound them.
 """
 
 from __future__ import annotations

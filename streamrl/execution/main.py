@@ -355,16 +355,17 @@ def _replicas(pipeline: Pipeline, run: RunContext, busy: dict[str, float],
 
 
 def _nodes(replicas: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per node of a Ray cluster: its replicas (by the node of their last actor) and their frames and traffic."""
+    """Per node of a Ray cluster (by node id): its IP, the replicas whose last actor ran there, their frames (all of
+    a replica's frames go to the node of its last actor), the bytes moved each way and the restarts."""
     nodes: dict[str, dict[str, Any]] = {}
     for label, figures in replicas.items():
-        if figures.get("node") is None:
+        if figures.get("node_id") is None:
             continue
-        node = nodes.setdefault(figures["node"], {"replicas": [], "frames": 0, "bytes_in": 0, "restarts": 0})
+        node = nodes.setdefault(figures["node_id"], {"ip": figures["node"], "replicas": [], "frames": 0,
+                                                     "bytes_in": 0, "bytes_out": 0, "restarts": 0})
         node["replicas"].append(label)
-        node["frames"] += figures["frames"]
-        node["bytes_in"] += figures["bytes_in"]
-        node["restarts"] += figures["restarts"]
+        for key in ("frames", "bytes_in", "bytes_out", "restarts"):
+            node[key] += figures[key]
     return nodes
 
 

@@ -1,8 +1,8 @@
 """One process's stages and hooks, run the same way everywhere: :class:`ProcessRun`.
 
 The main process (:mod:`streamrl.execution.main`), every worker process and every replica of a replicated group
-(:mod:`streamrl.execution.worker`) run their share of a pipeline through this one class, and a Ray actor would
-too::
+(:mod:`streamrl.execution.worker`) and every Ray actor (:mod:`streamrl.execution.ray_actor`) run their share of a
+pipeline through this one class::
 
     process = ProcessRun(pipeline, run)            # wires the streams of run.process, makes the stage contexts
     error = await process.execute(partners=[...])  # start hooks, run stages, close (shielded); the error, if any

@@ -9,13 +9,15 @@ learner and hooks stay in the main process (the Ray driver)::
 
 Each replica is one actor running the same per-process execution as a worker process
 (:func:`streamrl.execution.worker.run_worker`, inside the actor's event loop). The bridge's messages (items, acks,
-events, statistics, errors, stop, cancel) travel through actor calls: the main process delivers them with
-``deliver`` (numbered, so they are taken in order) and collects the actor's with a long-polling ``take``
-(:class:`_DriverChannel`, :class:`_ActorChannel`). TensorDict items do not ride in those messages: each is put
-into Ray's object store as numpy arrays (:func:`to_arrays`; read back without a copy, then copied once into
-tensors, as the shared-memory bridge copies out of its slots) and the message carries its reference. The edge's
-credits still bound what is in flight, so a slow learner makes remote collectors wait. The learner's weights are
-put once per version whatever the number of replicas (:class:`_PutOnce`), and every replica takes the newest.
+events, statistics, errors, stop, cancel) travel through actor calls (:class:`_DriverChannel`,
+:class:`_ActorChannel`): the main process polls the actor with ``take``, which carries the main process's own
+messages of the moment and returns the actor's (one call per round trip: a Ray call costs about a millisecond),
+and sends what cannot wait for the next poll with ``deliver``; both are numbered, so the actor takes them in
+order. TensorDict items travel as numpy arrays (:func:`to_arrays`; read back without a copy, then copied once into
+tensors, as the shared-memory bridge copies out of its slots): chunks inside the poll replies (through Ray's object
+store when large), the learner's weights put into the object store once per version whatever the number of
+replicas (:class:`_PutOnce`), each replica fetching the newest. The edge's credits still bound what is in flight,
+so a slow learner makes remote collectors wait.
 
 Where Ray comes from: a run joins the Ray instance this process is connected to, or the one at ``ray_address``
 (``--ray-address``, or ``RAY_ADDRESS``), or else starts a local one for the run (:func:`ray_session`).
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import pickle
@@ -65,6 +68,7 @@ from streamrl.streams import open_stream
 log = structlog.get_logger("streamrl.execution.ray")
 PLACE_TIMEOUT_S = 120.0  # how long a replica may wait for Ray to find it room before the run fails
 TAKE_WAIT_S = 1.0  # a long poll for the actor's messages returns empty after this long
+UNAVAILABLE_TRIES = 4  # polls of an actor Ray says is unreachable for a moment, 0.5 s apart, before it counts as dead
 SWITCH_INTERVAL_S = 0.0005
 _CLOSED = ("__closed__",)  # the main process closed the channel: the actor's reads end
 
@@ -90,17 +94,20 @@ def ray_session(pipeline: Pipeline, address: str | None) -> Iterator[None]:
         return
     ray = _ray()
     if ray.is_initialized():
+        if address:
+            log.warning("already connected to Ray: --ray-address is not used", ray_address=address)
         yield
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     options: dict[str, Any] = {"logging_level": logging.WARNING, "include_dashboard": False}
-    if address is None:
+    if address is None:  # "local": a new instance, never one a `ray start` left running on this machine
         wanted = sum(pipeline.replicas_of(g) * dict(pipeline.ray_options[g].resources).get("CPU", 0) for g in groups)
         options["num_cpus"] = max(os.cpu_count() or 1, int(-(-wanted // 1)))
-    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")  # a delivery to an actor that died is not news
+    # A delivery to an actor that has died is not news: Ray would log each one as an unhandled error.
+    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
     started = time.perf_counter()
     try:
-        ray.init(address=address, **options)
+        ray.init(address=address or "local", **options)
     except ConnectionError as exc:
         raise PipelineError(f"could not join the Ray cluster at {address!r}: {exc}; start one with `ray start "
                             "--head` or leave --ray-address out to start a local instance") from exc
@@ -139,14 +146,16 @@ def _nbytes(payload: dict[str, Any]) -> int:
 
 
 class Traffic:
-    """What one replica moved through the object store, and how long its reads waited."""
+    """What one end of a replica's channel moved (TensorDict items put and got) and how long it waited for objects
+    of Ray's object store: the weights, which the actor fetches. Chunks come inside the replies to the main
+    process's polls, so their transfer is part of the poll and is not counted as a wait."""
 
     def __init__(self) -> None:
-        self.bytes_in = 0  # to the main process (chunks)
-        self.bytes_out = 0  # to the replica (weights)
+        self.bytes_in = 0  # items got (in the main process: chunks)
+        self.bytes_out = 0  # items put (in the main process: weights)
         self.items_in = 0
         self.items_out = 0
-        self.wait_s = 0.0  # awaiting objects: chunks in the main process, weights in the actor
+        self.wait_s = 0.0  # awaiting objects of the object store (the actor's weights)
 
     def as_dict(self) -> dict[str, Any]:
         return {"bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "items_in": self.items_in,
@@ -178,11 +187,14 @@ class _Store:
     its object store, owned by the main process (it survives the actor), and reads it back without a copy; a small
     one comes inline. Either way one round trip per batch of messages instead of a put and a fetch per chunk."""
 
-    def __init__(self, traffic: Traffic, put_once: _PutOnce | None = None) -> None:
+    def __init__(self, traffic: Traffic, put_once: _PutOnce | None = None,
+                 last_put: dict[str, Any] | None = None) -> None:
         self.traffic = traffic
         self.put_once = put_once
+        self.last_put = last_put if last_put is not None else {}  # edge -> the last item put (weights to resend)
 
     def put(self, item: TensorDictBase, edge: str) -> tuple[str, Any, int]:
+        self.last_put[edge] = item
         if self.put_once is not None:
             ref, nbytes = self.put_once.put(item)
             carried: tuple[str, Any, int] = ("object", [ref], nbytes)
@@ -220,6 +232,7 @@ class _DriverChannel:
         self.actor = actor
         self.object_store = store
         self.death: BaseException | None = None  # the Ray error that said the actor is gone
+        self.death_at: float | None = None  # when (perf_counter)
         self._seq = 0
         self._outgoing: list[tuple[Any, ...]] = []
         self._flush_soon = False
@@ -254,12 +267,31 @@ class _DriverChannel:
                 raise PeerGone(str(self.death))
             await asyncio.sleep(0)  # let the acks of what just arrived be written: they go with this take
             seq, batch = self._batch()
-            try:
-                self._inbox.extend(await self.actor.take.remote(TAKE_WAIT_S, seq, batch))
-            except _ray().exceptions.RayActorError as exc:
-                self.death = exc
-                raise PeerGone(str(exc)) from exc
+            self._inbox.extend(await self._take(seq, batch))
         return self._inbox.popleft(), b""
+
+    async def _take(self, seq: int, batch: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        """One poll; a dead actor (or a reply lost with its node) raises PeerGone, remembering why. An actor that
+        is unreachable for a moment is asked again, up to :data:`UNAVAILABLE_TRIES` times."""
+        exceptions = _ray().exceptions
+        for attempt in range(UNAVAILABLE_TRIES):
+            try:
+                reply: list[tuple[Any, ...]] = await self.actor.take.remote(TAKE_WAIT_S, seq, batch)
+                return reply
+            except exceptions.ActorUnavailableError:
+                if attempt + 1 < UNAVAILABLE_TRIES:
+                    await asyncio.sleep(0.5)
+                    continue
+                raise self._died(f"its actor was unreachable {UNAVAILABLE_TRIES} times in a row") from None
+            except exceptions.RayTaskError:
+                raise  # a bug in the channel itself: the run's error
+            except exceptions.RayError as exc:  # died, or the reply was lost with its node
+                raise self._died(str(exc)) from exc
+        raise AssertionError("unreachable")
+
+    def _died(self, why: str) -> PeerGone:
+        self.death, self.death_at = RuntimeError(why), time.perf_counter()
+        return PeerGone(why)
 
     def close(self) -> None:
         if not self._closed and self.death is None:
@@ -337,8 +369,6 @@ class CollectorActor:
         """Rebuild the replica and start running it; say where it runs. A replica that cannot be rebuilt reports
         why as its error (the pipeline module failed to import here...)."""
         ray = _ray()
-        from streamrl.execution.process import calm_gc  # noqa: F401 - imported here: the actor's first import
-        from streamrl.execution.worker import run_worker
         from streamrl.seeding import seed_everything
 
         where = {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(),
@@ -359,12 +389,22 @@ class CollectorActor:
         # Ray hands calls over from threads of its own: with the default 5 ms GIL switch interval a call waits up to
         # that long for the replica's busy event loop to yield the GIL; 0.5 ms keeps round trips short.
         sys.setswitchinterval(SWITCH_INTERVAL_S)
-        self.task = asyncio.ensure_future(self._run(run_worker, spec))
+        self.task = asyncio.ensure_future(self._run(label, spec))
         return where
 
-    async def _run(self, run_worker: Any, spec: Any) -> int:
-        code: int = await run_worker(self.channel, spec)
-        return code
+    async def _run(self, label: str, spec: Any) -> int:
+        """The replica, as a worker process runs it; an error that escapes it (it then said nothing) is reported
+        as the replica's, so the main process never waits on an actor that stopped working."""
+        from streamrl.execution.worker import run_worker
+
+        try:
+            code: int = await run_worker(self.channel, spec)
+            return code
+        except BaseException as exc:
+            with contextlib.suppress(PeerGone):
+                self.channel.write(("error", f"group {label}", type(exc).__name__, str(exc),
+                                    "".join(traceback.format_exception(exc))))
+            raise
 
     def deliver(self, seq: int, messages: list[tuple[Any, ...]]) -> None:
         self.channel.deliver(seq, messages)
@@ -388,8 +428,10 @@ def _import_pipeline_modules(modules: list[tuple[str, str, str]]) -> None:
     for name, path, source in modules:
         if name in sys.modules:
             continue
-        if not Path(path).is_file():
-            copy = Path(tempfile.mkdtemp(prefix="streamrl-")) / Path(path).name
+        if not Path(path).is_file():  # another machine: this node's copy of the file, one per content
+            folder = Path(tempfile.gettempdir()) / "streamrl-pipelines" / hashlib.sha1(source.encode()).hexdigest()
+            folder.mkdir(parents=True, exist_ok=True)
+            copy = folder / Path(path).name
             copy.write_text(source)
             path = str(copy)
         load_module(path, name)
@@ -416,14 +458,15 @@ class RayReplica(WorkerGroup):
         self.options = pipeline.ray_options[group]
         self.put_once = put_once
         self.restarts = 0
-        self.node: dict[str, Any] = {}
-        self.nodes: list[str] = []  # every node an actor of this replica ran on
+        self.node: dict[str, Any] = {}  # where its actor runs: node_id, ip, pid
+        self.nodes: list[str] = []  # the node id of every actor of this replica, in order
         self.traffic = Traffic()
         self.actor_wait_s = 0.0  # the actors' own waits for objects (the weights)
         self.actor: Any = None
         self._driver: _DriverChannel | None = None
+        self._last_put: dict[str, Any] = {}  # edge -> the last item shipped to the replica (its newest weights)
         self.restart_gaps: list[float] = []  # seconds from a death to the new actor running
-        self._restarted_after: float | None = None
+        self._died_at: float | None = None
 
     def _env_frames(self) -> dict[str, int]:
         """What this replica's env stages collected so far (their chunk events): a new actor goes on from there."""
@@ -442,17 +485,20 @@ class RayReplica(WorkerGroup):
         inbound = self.inbound
         try:
             while True:
-                spec = self._spec(restarts=self.restarts, frames=self._env_frames())
+                # a restarted replica goes on with its budget, and acts with the newest weights from its first step
+                spec = self._spec(restarts=self.restarts, frames=self._env_frames(), arrived=self._last_put)
                 self._events, self._events_out = open_stream(256, name=f"events from {self.label}")
                 try:
                     channel = await self._start(spec)
+                    if channel is None:  # the run stopped before Ray placed the actor
+                        return
                     await self._serve(channel, {e: s.clone() for e, s in inbound.items()})
                     return
                 except BaseException as exc:  # noqa: BLE001 - a death (maybe in a task group's exception group)
                     lost = first_failure(exc)
                     if not isinstance(lost, ReplicaLost):
                         raise
-                    died_at = time.perf_counter()
+                    died_at = self._driver.death_at if self._driver is not None else None
                     if self.run_ctx.stopping:
                         log.warning("a replica died while the run was stopping", replica=self.label,
                                     node=self.node.get("ip"))
@@ -465,7 +511,7 @@ class RayReplica(WorkerGroup):
                         "node": self.node.get("ip"), "node_id": self.node.get("node_id"), "cause": lost.cause})
                     log.warning("replica died; starting it again", replica=self.label, node=self.node.get("ip"),
                                 restarts=self.restarts, max_restarts=self.options.max_restarts, cause=lost.cause)
-                    self._restarted_after = died_at
+                    self._died_at = died_at or time.perf_counter()
                 finally:
                     with anyio.CancelScope(shield=True):
                         await self._reap()
@@ -473,36 +519,46 @@ class RayReplica(WorkerGroup):
             for send in inbound.values():
                 send.close()
 
-    async def _start(self, spec: bytes) -> _DriverChannel:  # type: ignore[override]
+    async def _start(self, spec: bytes) -> _DriverChannel | None:  # type: ignore[override]
+        """Start an actor and the replica in it; None if the run stopped while Ray looked for room."""
         ray = _ray()
         resources = dict(self.options.resources)
         options: dict[str, Any] = {
             "num_cpus": resources.pop("CPU", 0), "num_gpus": resources.pop("GPU", 0), "resources": resources,
-            "max_restarts": 0, "name": None,
-            # actors on this machine import what this process imports (a test module, an uninstalled checkout)
-            "runtime_env": {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p and
-                                                                         os.path.isdir(p))}},
+            "max_restarts": 0, "runtime_env": {"env_vars": {"PYTHONPATH": _code_path()}},
         }
         self.actor = _actor_class().options(**options).remote()
         modules = [(name, path, Path(path).read_text()) for name, path in self.preload]
-        with anyio.move_on_after(PLACE_TIMEOUT_S) as waiting:
-            try:
-                self.node = await self.actor.start.remote(self.label, modules, spec)
-            except ray.exceptions.RayActorError as exc:
-                raise self._lost(str(exc)) from exc
-        if waiting.cancelled_caught:
+        started = self.actor.start.remote(self.label, modules, spec)
+        async with anyio.create_task_group() as tg:
+            async def stop_waiting_when_stopped() -> None:
+                await self.run_ctx.stop_event.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(stop_waiting_when_stopped)
+            with anyio.move_on_after(PLACE_TIMEOUT_S):
+                try:
+                    self.node = await started
+                except ray.exceptions.RayActorError as exc:
+                    raise self._lost(str(exc)) from exc
+            tg.cancel_scope.cancel()
+        if not self.node:
+            if self.run_ctx.stopping:
+                return None
+            again = " died; started again, it" if self.restarts else ""
             raise PipelineError(
-                f"Ray found no room for replica {self.label} within {PLACE_TIMEOUT_S:g} s: it asks "
-                f"{dict(self.options.resources)}, the cluster has {ray.available_resources()} free of "
-                f"{ray.cluster_resources()}; lower the group's resources (e.g. resources={{'CPU': 0.5}}) or add nodes")
-        self.nodes.append(self.node["ip"])
-        if self._restarted_after is not None:
-            self.restart_gaps.append(round(time.perf_counter() - self._restarted_after, 3))
-            self._restarted_after = None
+                f"replica {self.label}{again} found no room in Ray within {PLACE_TIMEOUT_S:g} s (or its actor did not "
+                f"start): it asks {dict(self.options.resources)}, the cluster has {ray.available_resources()} free "
+                f"of {ray.cluster_resources()}; lower the group's resources (e.g. resources={{'CPU': 0.5}}) or add "
+                "nodes")
+        self.nodes.append(self.node["node_id"])
+        if self._died_at is not None:
+            self.restart_gaps.append(round(time.perf_counter() - self._died_at, 3))
+            self._died_at = None
         await self.run_ctx.bus.publish("worker_started", f"group {self.label}", {
             "group": self.group, "replica": self.replica, "pid": self.node["pid"], "node": self.node["ip"],
             "node_id": self.node["node_id"], "restarts": self.restarts})
-        self._driver = _DriverChannel(self.actor, _Store(self.traffic, self.put_once))
+        self._driver = _DriverChannel(self.actor, _Store(self.traffic, self.put_once, self._last_put))
         return self._driver
 
     def _lost(self, cause: str) -> ReplicaLost:
@@ -537,7 +593,16 @@ class RayReplica(WorkerGroup):
         traffic = self.traffic.as_dict()
         traffic["object_store_wait_s"] = round(self.traffic.wait_s + self.actor_wait_s, 4)
         return {"placement": "ray_actor", "node": self.node.get("ip"), "node_id": self.node.get("node_id"),
-                "nodes": self.nodes, "restarts": self.restarts, "restart_gaps_s": self.restart_gaps, **traffic}
+                "node_ids": self.nodes, "restarts": self.restarts, "restart_gaps_s": self.restart_gaps, **traffic}
+
+
+def _code_path() -> str:
+    """This process's import path without the interpreter's own folders: actors on this machine import what this
+    process imports (a test module, a checkout that is not installed); on other nodes the folders may not exist and
+    are skipped, and the interpreter's packages stay each node's own."""
+    prefixes = tuple(str(Path(p).resolve()) for p in {sys.prefix, sys.base_prefix, sys.exec_prefix})
+    return os.pathsep.join(p for p in sys.path if p and os.path.isdir(p) and not str(Path(p).resolve()).startswith(
+        prefixes))
 
 
 def ray_replicas(pipeline: Pipeline, wiring: Wiring, run: RunContext, first_index: int,

@@ -34,7 +34,7 @@ How a worker's failures surface (nothing hangs, no process is left behind):
 A worker ignores SIGINT (the main process decides how to stop and tells it) and exits when the main process
 disappears; a worker still closing when the run ends is killed after ``WorkerGroup.exit_timeout`` seconds, or,
 after a second Ctrl-C, when the second that the closes share is up. The same seam — items and acks over a
-message channel — is where a Ray actor placement would plug in.
+message channel — serves Ray actors too (:mod:`streamrl.execution.ray_actor`).
 """
 
 from __future__ import annotations
@@ -98,6 +98,7 @@ class _WorkerSpec:
     forward_kinds: frozenset[str] | None  # None: every kind
     restarts: int = 0  # a Ray replica started again: how many times (fresh seeds and traj_ids)
     frames: dict[str, int] = field(default_factory=dict)  # env stage -> frames its earlier incarnations collected
+    arrived: dict[str, Any] = field(default_factory=dict)  # edge -> an item already there at start (newest weights)
 
 
 def _group_pipeline(pipeline: Pipeline, group: str) -> Pipeline:
@@ -152,14 +153,15 @@ class WorkerGroup:
         self._sock: socket.socket | None = None
         self.exit_timeout = 30.0  # seconds a cancelled worker gets to close its stages before it is killed
 
-    def _spec(self, *, restarts: int = 0, frames: dict[str, int] | None = None) -> bytes:
+    def _spec(self, *, restarts: int = 0, frames: dict[str, int] | None = None,
+              arrived: dict[str, Any] | None = None) -> bytes:
         bus = self.run_ctx.bus
         kinds = None if bus._wildcard else frozenset(kind for kind, subs in bus._by_kind.items() if subs)
         spec = _WorkerSpec(
             group=self.group, replica=self.replica, pipeline=_group_pipeline(self.pipeline, self.group),
             run_dir=str(self.run_ctx.run_dir), device=str(self.run_ctx.device),
             seed=self.run_ctx.seed + 1000 * (self.index + 1) + 7 * restarts, threads=self.threads,
-            forward_kinds=kinds, restarts=restarts, frames=frames or {},
+            forward_kinds=kinds, restarts=restarts, frames=frames or {}, arrived=arrived or {},
         )
         try:
             return pickle.dumps(spec, protocol=5)
@@ -252,6 +254,7 @@ class WorkerGroup:
                 with anyio.move_on_after(DELIVER_AFTER_DEATH_S):
                     for inb in bridge.inbound.values():
                         await inb.done.wait()
+                    await events_delivered.wait()  # its chunk events count its frames (a restart goes on from them)
                 raise death
             for inb in bridge.inbound.values():  # deliver what already arrived
                 await inb.done.wait()
@@ -355,6 +358,8 @@ async def _worker_body(channel: MessageChannel, spec: _WorkerSpec) -> int:
         pipeline.stages[name].frames = frames  # type: ignore[attr-defined]
     process = ProcessRun(pipeline, run)
     wiring = process.wiring
+    for edge, item in spec.arrived.items():  # in the stream before the stages start: the policy acts with it at once
+        wiring.bridge_in[edge][0].send_nowait(item)
     outbound_edges = {e.name for e in pipeline.edges if pipeline.process_of(e.src_stage) == spec.group
                       and pipeline.process_of(e.dst_stage) != spec.group}
     capacities = {e.name: e.capacity for e in pipeline.edges}
