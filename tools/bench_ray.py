@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -53,22 +54,23 @@ def measure(placement: str, replicas: int, frames: int, chunk: int) -> float:
     return meter.fps()
 
 
-def local_cluster(nodes: int) -> Any:
+def local_cluster(nodes: int, replicas: int) -> Any:
+    """A head without CPUs and ``nodes`` worker nodes sharing the cores, with room for ``replicas`` actors."""
     from ray.cluster_utils import Cluster
 
-    cpus = max(1, (os.cpu_count() or 1) // nodes)
+    cpus = max(-(-(os.cpu_count() or 1) // nodes), -(-replicas // nodes))
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
     for _ in range(nodes):
         cluster.add_node(num_cpus=cpus)
-    ray.init(address=cluster.address, logging_level="WARNING")
+    ray.init(address=cluster.address, logging_level=logging.WARNING)
     cluster.wait_for_nodes()
     return cluster
 
 
 def remove_node(total_frames: int) -> dict[str, Any]:
+    import threading
     import time
 
-    import anyio
     import torch
     from ray.cluster_utils import Cluster
 
@@ -79,7 +81,7 @@ def remove_node(total_frames: int) -> dict[str, Any]:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
     for _ in range(3):
         cluster.add_node(num_cpus=1)
-    ray.init(address=cluster.address, logging_level="WARNING")
+    ray.init(address=cluster.address, logging_level=logging.WARNING)
     cluster.wait_for_nodes()
     module = load_module(path)
     p = module.build(module.Config(placement="ray_actor", replicas=2, total_frames=total_frames, eval_every=10**9))
@@ -90,8 +92,8 @@ def remove_node(total_frames: int) -> dict[str, Any]:
         events[event.kind].append((time.perf_counter(), event.data))
         if (event.kind == "optim_step" and len(events["optim_step"]) == 20 and not events["replica_restarted"]):
             victim = events["worker_started"][0][1]["node_id"]
-            events.setdefault("removed_at", []).append((time.perf_counter(), victim))
-            await anyio.to_thread.run_sync(cluster.remove_node, nodes[victim])
+            events["removed_at"] = [(time.perf_counter(), victim)]  # removed beside the run: the learner goes on
+            threading.Thread(target=cluster.remove_node, args=(nodes[victim],), daemon=True).start()
 
     p.on(("worker_started", "replica_restarted", "optim_step"), on_event)
     try:
@@ -103,6 +105,8 @@ def remove_node(total_frames: int) -> dict[str, Any]:
     finally:
         ray.shutdown()
         cluster.shutdown()
+    if "removed_at" not in events:
+        raise SystemExit(f"the run made {len(events['optim_step'])} optimizer reports, fewer than 20: raise --frames")
     steps = [t for t, _ in events["optim_step"]]
     gaps = [b - a for a, b in zip(steps, steps[1:], strict=False)]
     removed_at = events["removed_at"][0][0]
@@ -141,11 +145,13 @@ def main() -> None:
     cpus = os.cpu_count() or 1
     results: dict[str, Any] = {"cpus": cpus}
     print(f"machine: {cpus} CPUs; one torch thread per replica; 64 CartPole envs per replica", file=sys.stderr)
-    ray.init(num_cpus=max(cpus, max(args.replicas)), include_dashboard=False, logging_level="WARNING")
-    budgets = {}
+    ray.init(num_cpus=max(cpus, max(args.replicas)), include_dashboard=False, logging_level=logging.WARNING)
+    budgets: dict[int, int] = {}
+    singles: dict[int, float] = {}
     for chunk in args.chunk:
         one = measure("worker_process", 1, 20 * chunk, chunk)  # a short probe sizes the budgets
         budgets[chunk] = max(20 * chunk, int(one * args.seconds))
+        singles[chunk] = measure("worker_process", 1, budgets[chunk], chunk)  # linear: n x this
         rows: dict[str, Any] = {}
         for n in args.replicas:
             fps = {placement: measure(placement, n, budgets[chunk] * n, chunk)
@@ -157,17 +163,17 @@ def main() -> None:
         results[f"chunk_{chunk}"] = rows
     ray.shutdown()
     if args.nodes:
-        cluster = local_cluster(args.nodes)
+        cluster = local_cluster(args.nodes, max(args.replicas))
         try:
             for chunk in args.chunk:
                 rows = results[f"chunk_{chunk}"]
                 for n in args.replicas:
-                    fps = measure("ray_actor", n, budgets[chunk] * n, chunk)
-                    one = rows["1"]["worker_process"]
-                    rows[str(n)]["cluster"] = round(fps, 1)
-                    rows[str(n)]["cluster_efficiency"] = round(fps / (n * one), 3)
-                    print(f"chunk {chunk:5d}  {n:2d} replicas on a {args.nodes}-node local cluster: {fps:10,.0f} "
-                          f"frames/s   {fps / (n * one):.3f} x linear (one worker process)", file=sys.stderr)
+                    rate = measure("ray_actor", n, budgets[chunk] * n, chunk)
+                    one = singles[chunk]
+                    rows[str(n)]["cluster"] = round(rate, 1)
+                    rows[str(n)]["cluster_efficiency"] = round(rate / (n * one), 3)
+                    print(f"chunk {chunk:5d}  {n:2d} replicas on a {args.nodes}-node local cluster: {rate:10,.0f} "
+                          f"frames/s   {rate / (n * one):.3f} x linear (one worker process)", file=sys.stderr)
         finally:
             ray.shutdown()
             cluster.shutdown()
