@@ -110,6 +110,28 @@ class Fail(Stage):
                 raise self.error
 
 
+class WeightsPublisher(Stage):
+    """A learner's part, for tests of weights fan-out: after every ``every``-th count received on ``seen``, sends
+    the weights of ``module`` as the next version (1, 2, ...)."""
+
+    inputs = ("seen",)
+    outputs = ("weights",)
+
+    def __init__(self, name: str, module: Any, every: int = 2) -> None:
+        super().__init__(name)
+        self.module = module
+        self.every = every
+        self.version = 0
+
+    async def run(self, ctx: StageContext) -> None:
+        from streamrl.stages.policy import weights_message
+
+        async for count in ctx.input("seen"):
+            if count % self.every == 0:
+                self.version += 1
+                await ctx.output("weights").send(weights_message(self.module, self.version))
+
+
 class StopAfterFrames(Hook):
     """Asks the run to stop once the env stage's ``chunk`` events report ``frames`` or more."""
 

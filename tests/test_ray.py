@@ -25,7 +25,7 @@ from streamrl import Pipeline, PipelineError, ReplicaLost, Stage, StageFailed
 from streamrl.execution import ray_actor
 from streamrl.loader import load_module
 from streamrl.replay import ZarrStorage
-from streamrl.testing import CountFrames
+from streamrl.testing import CountFrames, StopAfterFrames, WeightsPublisher
 
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
@@ -52,25 +52,6 @@ def cluster():
 def _actor():
     torch.manual_seed(0)
     return streamrl.QValueActor(streamrl.MLP(2, in_features=4, num_cells=(8,)))
-
-
-class Publisher(Stage):
-    """Publishes the weights of ``module`` as version n after every ``every`` chunks seen (the learner's part)."""
-
-    inputs = ("seen",)
-    outputs = ("weights",)
-
-    def __init__(self, name, module, every=2):
-        super().__init__(name)
-        self.module, self.every, self.version = module, every, 0
-
-    async def run(self, ctx):
-        from streamrl.stages.policy import weights_message
-
-        async for count in ctx.input("seen"):
-            if count % self.every == 0:
-                self.version += 1
-                await ctx.output("weights").send(weights_message(self.module, self.version))
 
 
 class ByReplica(Stage):
@@ -101,7 +82,7 @@ def test_chunks_from_replicas_on_every_node_reach_the_sink_and_weights_reach_eve
                         frames_per_chunk=32, total_frames=1_024, replicas=2, weights_from="pub",
                         placement="ray_actor")
     sink = ByReplica("sink")
-    p.add(sink, Publisher("pub", _actor()))
+    p.add(sink, WeightsPublisher("pub", _actor()))
     p.connect(c.chunks, "sink.chunks", capacity=2)
     p.connect("sink.seen", "pub.seen", capacity=1)
     result = streamrl.run(p, tmp_path, handle_signals=False)
@@ -244,19 +225,9 @@ def test_a_stop_ends_ray_replicas_and_leaves_no_actor(cluster, tmp_path):
     p.add(CountFrames("sink"))
     p.connect(c.chunks, "sink.chunks", capacity=2)
 
-    class StopAfter(streamrl.Hook):
-        events = ("chunk",)
-
-        async def start(self, run):
-            self.run = run
-
-        def on_event(self, event):
-            if self.run.recorder.frames >= 640:
-                self.run.request_stop("enough")
-
-    p.add_hook(StopAfter())
+    p.add_hook(StopAfterFrames(320))  # one replica's chunk events
     result = streamrl.run(p, tmp_path, handle_signals=False)
-    assert result.exit_reason == "stopped" and result.summary["frames"] >= 640
+    assert result.exit_reason == "stopped" and result.summary["frames"] >= 320
     assert _alive_actors() == 0
 
 

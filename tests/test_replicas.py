@@ -11,9 +11,8 @@ import torch
 import streamrl
 from streamrl import MLP, GymEnv, Pipeline, PipelineError, QValueActor, Stage, StageFailed
 from streamrl.execution.wiring import _fan_out
-from streamrl.stages.policy import weights_message
 from streamrl.streams import open_stream
-from streamrl.testing import CountFrames
+from streamrl.testing import CountFrames, WeightsPublisher
 
 REPLICA_SHIFT = 32  # a chunk's traj_id carries its replica in bits 32..39
 
@@ -21,25 +20,6 @@ REPLICA_SHIFT = 32  # a chunk's traj_id carries its replica in bits 32..39
 def actor():
     torch.manual_seed(0)
     return QValueActor(MLP(2, in_features=4, num_cells=(8,)))
-
-
-class Publisher(Stage):
-    """Publishes weights of version n after every ``every`` chunks seen (the learner's part)."""
-
-    inputs = ("seen",)
-    outputs = ("weights",)
-
-    def __init__(self, name, module, every):
-        super().__init__(name)
-        self.module = module
-        self.every = every
-        self.version = 0
-
-    async def run(self, ctx):
-        async for count in ctx.input("seen"):
-            if count % self.every == 0:
-                self.version += 1
-                await ctx.output("weights").send(weights_message(self.module, self.version))
 
 
 class ByReplica(Stage):
@@ -77,7 +57,7 @@ def collector_pipeline(replicas, *, env_id="CartPole-v1", total_frames=4_096, ev
     c = p.add_collector("collect", env, actor(), frames_per_chunk=64, total_frames=total_frames, replicas=replicas,
                         weights_from="pub")
     sink = ByReplica("sink")
-    p.add(sink, Publisher("pub", actor(), every=every))
+    p.add(sink, WeightsPublisher("pub", actor(), every=every))
     p.connect(c.chunks, "sink.chunks", capacity=2)
     p.connect("sink.seen", "pub.seen", capacity=64)
     return p, sink
@@ -142,7 +122,7 @@ def test_on_policy_replicas_are_joined_in_rounds_and_keep_max_policy_lag(tmp_pat
     c = p.add_collector("collect", GymEnv("CartPole-v1", num_envs=2, seed=0), actor(), frames_per_chunk=32,
                         total_frames=1_024, replicas=2, weights_from="pub", max_policy_lag=0)
     sink = ByReplica("sink")
-    p.add(sink, Publisher("pub", actor(), every=1))  # one version per round: an on-policy learner
+    p.add(sink, WeightsPublisher("pub", actor(), every=1))  # one version per round: an on-policy learner
     p.connect("sink.seen", "pub.seen", capacity=64)
     p.connect(c.chunks, "sink.chunks", capacity=1)
     with pytest.raises(PipelineError, match=r"join='rounds'"):
@@ -184,7 +164,7 @@ def test_replicas_need_worker_processes_and_lossy_edges_into_them():
     p = Pipeline("bad")
     c = p.add_collector("collect", GymEnv("CartPole-v1"), actor(), frames_per_chunk=8, replicas=2,
                         weights_from=None)
-    p.add(CountFrames("sink"), Publisher("pub", actor(), every=1))
+    p.add(CountFrames("sink"), WeightsPublisher("pub", actor(), every=1))
     p.connect(c.chunks, "sink.chunks")
     p.connect("pub.weights", "collect_policy.weights", capacity=1)  # blocking: cannot fan out
     p.connect("pub.seen", "pub.seen")

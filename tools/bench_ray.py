@@ -35,23 +35,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import ray  # noqa: E402 - after the path: bench_scale is a sibling file
-from bench_scale import Meter, cartpole_collector  # noqa: E402
+import bench_scale  # noqa: E402 - after the path: bench_scale is a sibling file
+import ray  # noqa: E402
 
-from streamrl import Pipeline, run  # noqa: E402
+from streamrl import run  # noqa: E402
 
 
 def measure(placement: str, replicas: int, frames: int, chunk: int) -> float:
-    env, policy, _ = cartpole_collector()
-    p = Pipeline("bench_ray")
-    c = p.add_collector("collect", env, policy, frames_per_chunk=chunk, replicas=replicas, weights_from=None,
-                        placement=placement)  # type: ignore[arg-type]
-    meter = Meter("meter", frames)
-    p.add(meter)
-    p.connect(c.chunks, "meter.chunks", capacity=2 * replicas)
-    with tempfile.TemporaryDirectory() as run_dir:
-        run(p, run_dir, handle_signals=False, drain_timeout=2.0)
-    return meter.fps()
+    return bench_scale.measure(bench_scale.cartpole_collector, replicas, frames, placement, chunk)
 
 
 def local_cluster(nodes: int, replicas: int) -> Any:

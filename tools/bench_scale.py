@@ -76,11 +76,13 @@ def pixels_collector() -> tuple[Any, Any, int]:
     return env_stage.env, policy_stage.policy, env_stage.env.num_envs * 16
 
 
-def measure(make: Any, replicas: int, frames: int) -> float:
-    env, policy, frames_per_chunk = make()
+def measure(make: Any, replicas: int, frames: int, placement: str = "worker_process",
+            frames_per_chunk: int | None = None) -> float:
+    """Steady-state frames/s of ``replicas`` copies of ``make()``'s collector (``frames_per_chunk``: its own)."""
+    env, policy, own_chunk = make()
     p = Pipeline("bench_scale")
-    c = p.add_collector("collect", env, policy, frames_per_chunk=frames_per_chunk, replicas=replicas,
-                        weights_from=None)
+    c = p.add_collector("collect", env, policy, frames_per_chunk=frames_per_chunk or own_chunk, replicas=replicas,
+                        weights_from=None, placement=placement)  # type: ignore[arg-type]
     meter = Meter("meter", frames)
     p.add(meter)
     p.connect(c.chunks, "meter.chunks", capacity=2 * replicas)
