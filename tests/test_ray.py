@@ -100,6 +100,10 @@ def test_chunks_from_replicas_on_every_node_reach_the_sink_and_weights_reach_eve
         assert figures["busy_fraction"][f"collect_env[{r}]"] > 0
     assert set(summary["nodes"]) == {replicas[f"collect[{r}]"]["node_id"] for r in (0, 1)}
     assert sum(node["frames"] for node in summary["nodes"].values()) == summary["frames"]
+    for r in (0, 1):
+        node = summary["nodes"][replicas[f"collect[{r}]"]["node_id"]]
+        assert node["replicas"] == [f"collect[{r}]"] and node["busy_fraction"][f"collect_policy[{r}]"] > 0
+        assert node["policy_lag_mean"] is not None and node["bytes_out"] == replicas[f"collect[{r}]"]["bytes_out"]
     assert _alive_actors() == 0  # no actor left behind
 
 

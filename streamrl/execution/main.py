@@ -356,16 +356,24 @@ def _replicas(pipeline: Pipeline, run: RunContext, busy: dict[str, float],
 
 def _nodes(replicas: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per node of a Ray cluster (by node id): its IP, the replicas whose last actor ran there, their frames (all of
-    a replica's frames go to the node of its last actor), the bytes moved each way and the restarts."""
+    a replica's frames go to the node of its last actor), bytes moved each way, restarts, object-store waits, the
+    busy fraction of each of their stages and the mean policy lag of their chunks."""
     nodes: dict[str, dict[str, Any]] = {}
     for label, figures in replicas.items():
         if figures.get("node_id") is None:
             continue
-        node = nodes.setdefault(figures["node_id"], {"ip": figures["node"], "replicas": [], "frames": 0,
-                                                     "bytes_in": 0, "bytes_out": 0, "restarts": 0})
+        node = nodes.setdefault(figures["node_id"], {
+            "ip": figures["node"], "replicas": [], "frames": 0, "bytes_in": 0, "bytes_out": 0, "restarts": 0,
+            "object_store_wait_s": 0.0, "busy_fraction": {}, "policy_lag_mean": None})
         node["replicas"].append(label)
-        for key in ("frames", "bytes_in", "bytes_out", "restarts"):
+        for key in ("frames", "bytes_in", "bytes_out", "restarts", "object_store_wait_s"):
             node[key] += figures[key]
+        node["busy_fraction"].update(figures["busy_fraction"])
+    for node in nodes.values():
+        lags = [lag["mean"] for r in node["replicas"] if (lag := replicas[r].get("policy_lag") or {}).get("mean")
+                is not None]
+        node["policy_lag_mean"] = round(sum(lags) / len(lags), 3) if lags else None
+        node["object_store_wait_s"] = round(node["object_store_wait_s"], 4)
     return nodes
 
 
