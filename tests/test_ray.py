@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -37,6 +38,37 @@ REPLICA_SHIFT = 32  # a chunk's traj_id carries its replica id in bits 32..39
 
 
 # -- on a cluster -------------------------------------------------------------------------------------------------
+def test_ctrl_c_stops_a_run_on_a_local_ray_instance_losing_no_row_and_leaving_no_ray_process(tmp_path):
+    """The user's path: no cluster, so `streamrl run` starts a local Ray instance; Ctrl-C (SIGINT to the process
+    group, Ray's processes included) ends the run with 130, a summary, every collected row stored, and no Ray
+    process left. Runs before the module's cluster starts."""
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamrl.cli", "run", str(DQN), "--out", str(out), "--set", "placement=ray_actor",
+         "--set", "replicas=2", "--set", "total_frames=10_000_000", "--set", "eval_every=1_000_000"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # until both replicas delivered chunks
+            status = json.loads((out / "status.json").read_text()) if (out / "status.json").exists() else {}
+            replicas = status.get("replicas", {}).values()
+            if status.get("frames", 0) >= 1_000 and len(replicas) == 2 and all(r["frames"] for r in replicas):
+                break
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["exit_reason"] == "interrupted" and summary["frames"] >= 1_000
+    assert len(ZarrStorage.open(out / "replay.zarr")) == summary["frames"]
+    left = subprocess.run(["pgrep", "-f", f"{out}|ray::CollectorActor"], capture_output=True, text=True).stdout
+    assert not left.strip()
+
+
 @pytest.fixture(scope="module")
 def cluster():
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
