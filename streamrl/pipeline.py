@@ -262,6 +262,12 @@ class Pipeline:
         """How many processes run ``process`` ("main" or a worker group): its replicas."""
         return self.replicas.get(process, 1) if process != MAIN else 1
 
+    def replica_label(self, name: str, replica: int) -> str:
+        """What events, statistics and errors call stage or group ``name`` in replica ``replica`` of its group:
+        ``env[2]`` when the group is replicated, ``env`` otherwise."""
+        group = self.stage_group.get(name, name)
+        return f"{name}[{replica}]" if self.replicas_of(self.process_of_group(group)) > 1 else name
+
     def hooks_in(self, process: str) -> list[Hook]:
         return [h for h, g in self.hooks if self.process_of_group(g) == process]
 

@@ -342,9 +342,8 @@ def _replicas(pipeline: Pipeline, run: RunContext, busy: dict[str, float],
         if not replicated and group not in pipeline.ray_groups():
             continue
         for r in range(pipeline.replicas_of(group)):
-            label = f"{group}[{r}]" if replicated else group
-            labels = [f"{name}[{r}]" if replicated else name
-                      for name in pipeline.stages if pipeline.stage_group[name] == group]
+            label = pipeline.replica_label(group, r)
+            labels = [pipeline.replica_label(name, r) for name, g in pipeline.stage_group.items() if g == group]
             out[label] = {
                 "frames": sum(run.recorder.frames_by_source.get(stage, 0) for stage in labels),
                 "busy_fraction": {stage: busy[stage] for stage in labels if stage in busy},

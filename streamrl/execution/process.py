@@ -151,7 +151,7 @@ class ProcessRun:
         replicated = pipeline.replicas_of(run.process) > 1
         self.contexts = [
             StageContext(stage, run, self.wiring.inputs[stage.name], self.wiring.outputs[stage.name],
-                         label=f"{stage.name}[{run.replica}]" if replicated else stage.name)
+                         label=pipeline.replica_label(stage.name, run.replica))
             for stage in pipeline.stages_in(run.process)
         ]
         self.hooks: list[Hook] = pipeline.hooks_in(run.process)

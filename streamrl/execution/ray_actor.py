@@ -39,6 +39,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import os
 import pickle
 import sys
@@ -63,7 +64,6 @@ from streamrl.execution.process import first_failure
 from streamrl.execution.wiring import Wiring
 from streamrl.execution.worker import WorkerGroup
 from streamrl.pipeline import RAY_INSTALL, Pipeline
-from streamrl.streams import open_stream
 
 log = structlog.get_logger("streamrl.execution.ray")
 PLACE_TIMEOUT_S = 120.0  # how long a replica may wait for Ray to find it room before the run fails
@@ -102,7 +102,7 @@ def ray_session(pipeline: Pipeline, address: str | None) -> Iterator[None]:
     options: dict[str, Any] = {"logging_level": logging.WARNING, "include_dashboard": False}
     if address is None:  # "local": a new instance, never one a `ray start` left running on this machine
         wanted = sum(pipeline.replicas_of(g) * dict(pipeline.ray_options[g].resources).get("CPU", 0) for g in groups)
-        options["num_cpus"] = max(os.cpu_count() or 1, int(-(-wanted // 1)))
+        options["num_cpus"] = max(os.cpu_count() or 1, math.ceil(wanted))
     # A delivery to an actor that has died is not news: Ray would log each one as an unhandled error.
     os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
     started = time.perf_counter()
@@ -191,10 +191,11 @@ class _Store:
                  last_put: dict[str, Any] | None = None) -> None:
         self.traffic = traffic
         self.put_once = put_once
-        self.last_put = last_put if last_put is not None else {}  # edge -> the last item put (weights to resend)
+        self.last_put = last_put  # the main process's: edge -> the last item put (a restarted replica's weights)
 
     def put(self, item: TensorDictBase, edge: str) -> tuple[str, Any, int]:
-        self.last_put[edge] = item
+        if self.last_put is not None:
+            self.last_put[edge] = item
         if self.put_once is not None:
             ref, nbytes = self.put_once.put(item)
             carried: tuple[str, Any, int] = ("object", [ref], nbytes)
@@ -412,12 +413,12 @@ class CollectorActor:
     async def take(self, wait_s: float, seq: int, messages: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
         return await self.channel.take(wait_s, seq, messages)
 
-    async def finished(self) -> dict[str, Any]:
-        """Wait until the replica ended; what it moved through the object store."""
+    async def finished(self) -> float:
+        """Wait until the replica ended; how long it waited for objects of the object store (the weights)."""
         if self.task is not None:
             with contextlib.suppress(BaseException):
                 await self.task
-        return self.traffic.as_dict()
+        return self.traffic.wait_s
 
 
 def _import_pipeline_modules(modules: list[tuple[str, str, str]]) -> None:
@@ -475,7 +476,7 @@ class RayReplica(WorkerGroup):
         frames = {}
         for name, stage in self.pipeline.stages.items():
             if self.pipeline.stage_group[name] == self.group and isinstance(stage, EnvStage):
-                label = f"{name}[{self.replica}]" if self.pipeline.replicas_of(self.group) > 1 else name
+                label = self.pipeline.replica_label(name, self.replica)
                 frames[name] = self.run_ctx.recorder.frames_by_source.get(label, 0)
         return frames
 
@@ -487,18 +488,13 @@ class RayReplica(WorkerGroup):
             while True:
                 # a restarted replica goes on with its budget, and acts with the newest weights from its first step
                 spec = self._spec(restarts=self.restarts, frames=self._env_frames(), arrived=self._last_put)
-                self._events, self._events_out = open_stream(256, name=f"events from {self.label}")
                 try:
-                    channel = await self._start(spec)
-                    if channel is None:  # the run stopped before Ray placed the actor
-                        return
-                    await self._serve(channel, {e: s.clone() for e, s in inbound.items()})
+                    await self._attempt(spec, {e: s.clone() for e, s in inbound.items()})
                     return
                 except BaseException as exc:  # noqa: BLE001 - a death (maybe in a task group's exception group)
                     lost = first_failure(exc)
                     if not isinstance(lost, ReplicaLost):
                         raise
-                    died_at = self._driver.death_at if self._driver is not None else None
                     if self.run_ctx.stopping:
                         log.warning("a replica died while the run was stopping", replica=self.label,
                                     node=self.node.get("ip"))
@@ -511,15 +507,11 @@ class RayReplica(WorkerGroup):
                         "node": self.node.get("ip"), "node_id": self.node.get("node_id"), "cause": lost.cause})
                     log.warning("replica died; starting it again", replica=self.label, node=self.node.get("ip"),
                                 restarts=self.restarts, max_restarts=self.options.max_restarts, cause=lost.cause)
-                    self._died_at = died_at or time.perf_counter()
-                finally:
-                    with anyio.CancelScope(shield=True):
-                        await self._reap()
         finally:
             for send in inbound.values():
                 send.close()
 
-    async def _start(self, spec: bytes) -> _DriverChannel | None:  # type: ignore[override]
+    async def _start(self, spec: bytes) -> _DriverChannel | None:
         """Start an actor and the replica in it; None if the run stopped while Ray looked for room."""
         ray = _ray()
         resources = dict(self.options.resources)
@@ -561,13 +553,17 @@ class RayReplica(WorkerGroup):
         self._driver = _DriverChannel(self.actor, _Store(self.traffic, self.put_once, self._last_put))
         return self._driver
 
-    def _lost(self, cause: str) -> ReplicaLost:
+    def _lost(self, cause: str, at: float | None = None) -> ReplicaLost:
+        """The death of this replica's actor (at ``at``, perf_counter; now if not known): a restart's gap counts
+        from then."""
+        self._died_at = at or time.perf_counter()
         return ReplicaLost(self.label, self.node.get("ip"), self.node.get("node_id"), self.restarts,
                            self.options.max_restarts, cause)
 
     async def _death(self) -> BaseException:
         death = self._driver.death if self._driver is not None else None
-        return self._lost(str(death) if death is not None else "its actor stopped answering")
+        return self._lost(str(death) if death is not None else "its actor stopped answering",
+                          self._driver.death_at if self._driver is not None else None)
 
     async def _reap(self) -> None:
         """Let the actor end (ask it to cancel if it still runs), then kill it: a run leaves no actor behind."""
@@ -584,7 +580,7 @@ class RayReplica(WorkerGroup):
             deadline = self.exit_timeout if self.run_ctx.hurry_by is None else \
                 max(0.0, self.run_ctx.hurry_by - anyio.current_time())
             with anyio.move_on_after(deadline), contextlib.suppress(ray.exceptions.RayError):
-                self.actor_wait_s += (await actor.finished.remote())["object_store_wait_s"]
+                self.actor_wait_s += await actor.finished.remote()
         with contextlib.suppress(Exception):
             ray.kill(actor, no_restart=True)
 

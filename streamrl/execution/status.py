@@ -118,9 +118,8 @@ class StatusWriter:
         self._labels: dict[str, str] = {}  # every stage's label -> the process it runs in
         for name in pipeline.stages:
             group = pipeline.process_of(name)
-            n = pipeline.replicas_of(group)
-            for r in range(n):
-                self._labels[f"{name}[{r}]" if n > 1 else name] = group
+            for r in range(pipeline.replicas_of(group)):
+                self._labels[pipeline.replica_label(name, r)] = group
         self._samples: deque[_Sample] = deque([self._sample(self.started, run_statistics(process, workers)["streams"])])
 
     async def run(self) -> None:

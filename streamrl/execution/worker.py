@@ -132,7 +132,7 @@ class WorkerGroup:
     ) -> None:
         self.group = group
         self.replica = replica
-        self.label = f"{group}[{replica}]" if pipeline.replicas_of(group) > 1 else group
+        self.label = pipeline.replica_label(group, replica)
         self.run_ctx = run
         self.index = index
         self.preload = preload
@@ -194,16 +194,20 @@ class WorkerGroup:
 
     async def run(self) -> None:
         """Start the worker, bridge its edges until it ends, reap it; raise what it failed with."""
-        spec = self._spec()
+        await self._attempt(self._spec(), self.inbound)
+
+    async def _attempt(self, spec: bytes, inbound: dict[str, SendStream[Any]]) -> None:
+        """One worker from its start to its reaping (a Ray replica may take several); raise what it failed with."""
         self._events, self._events_out = open_stream(256, name=f"events from {self.label}")
         try:
             channel = await self._start(spec)
-            await self._serve(channel, self.inbound)
+            if channel is not None:  # None: the run stopped before the worker started (Ray found it no room yet)
+                await self._serve(channel, inbound)
         finally:
             with anyio.CancelScope(shield=True):
                 await self._reap()
 
-    async def _start(self, spec: bytes) -> Channel:
+    async def _start(self, spec: bytes) -> MessageChannel | None:
         """Spawn the worker process; the channel to it."""
         parent_sock, child_sock = socket.socketpair()
         self._sock = parent_sock
@@ -420,7 +424,7 @@ async def _worker_body(channel: MessageChannel, spec: _WorkerSpec) -> int:
     error = await process.execute(companions=companions, on_started=forward_events, after_stages=ship_the_rest)
     failure: tuple[str, BaseException] | None = None
     if error is not None and not isinstance(error, anyio.get_cancelled_exc_class()):
-        label = f"group {spec.group}[{spec.replica}]" if pipeline.replicas_of(spec.group) > 1 else f"group {spec.group}"
+        label = f"group {pipeline.replica_label(spec.group, spec.replica)}"
         failure = (error.stage, error.error) if isinstance(error, StageFailed) else (label, error)
     with anyio.CancelScope(shield=True):
         try:

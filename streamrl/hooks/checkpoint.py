@@ -159,8 +159,7 @@ class Checkpoint(Hook):
             process = pipeline.process_of(stage.name)
             if process != MAIN:  # the worker's copy is ahead of ours: take what events said
                 if "frames" in state:  # replicas resume from the count of the one that collected least
-                    sources = ([f"{stage.name}[{r}]" for r in range(pipeline.replicas_of(process))]
-                               if pipeline.replicas_of(process) > 1 else [stage.name])
+                    sources = [pipeline.replica_label(stage.name, r) for r in range(pipeline.replicas_of(process))]
                     state["frames"] = min(progress.get(source, state["frames"]) for source in sources)
                 if "version" in state:
                     state["version"] = run.recorder.policy_version
